@@ -172,9 +172,45 @@ class ELFConfig:
 
 
 @dataclass
+class ModeArchs:
+    """A mode limited to some of ``evaluate.archs`` (unset: all of them), e.g. the whole matrix in
+    ``soft`` but ``kd``/``elf`` on three architectures — one sweep, one table."""
+    hard: Optional[list[str]] = None
+    soft: Optional[list[str]] = None
+    kd: Optional[list[str]] = None
+    elf: Optional[list[str]] = None
+
+    def validate(self, key: str, archs: list[str], modes: list[str]) -> None:
+        known = {_canonical(a): a for a in archs}
+        for mode in EVAL_MODES:
+            only = getattr(self, mode)
+            if only is None:
+                continue
+            _check(mode in modes, f"{key}.{mode}", only, f"unset, since mode {mode!r} is not in evaluate.modes")
+            _check(len(only) >= 1, f"{key}.{mode}", only, "a non-empty list of architectures")
+            for a in only:
+                _check(_canonical(a) in known, f"{key}.{mode}", a, f"one of evaluate.archs ({', '.join(archs)})")
+
+    def allows(self, mode: str, arch: str) -> bool:
+        only = getattr(self, mode)
+        return only is None or _canonical(arch) in {_canonical(a) for a in only}
+
+
+def _canonical(spec: str) -> str:
+    """Specs compare by canonical form; an unknown one compares as written (it is refused elsewhere)."""
+    from .errors import RayddError
+    from .models import canonical_spec
+    try:
+        return canonical_spec(spec)
+    except RayddError:
+        return spec
+
+
+@dataclass
 class EvalConfig:
     archs: list[str] = field(default_factory=lambda: ["convnet"])
     modes: list[str] = field(default_factory=lambda: ["soft"])
+    mode_archs: ModeArchs = field(default_factory=ModeArchs)
     seeds: int = 3
     epochs: int = 300
     full_epochs: Optional[int] = None  # whole-training-set baseline; None = epochs
@@ -205,6 +241,7 @@ class EvalConfig:
                "a list of positive learning rates")
         self.kd.validate(f"{key}.kd")
         self.elf.validate(f"{key}.elf")
+        self.mode_archs.validate(f"{key}.mode_archs", self.archs, self.modes)
         self.resources.validate(f"{key}.resources")
 
 
@@ -296,6 +333,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"--set {item!r}: {p!r} is a value, not a section")
         node = nxt
     node[parts[-1]] = value
+
+
+def section(cls: type, raw: Any, key: str = "") -> Any:
+    """A config dataclass (e.g. :class:`EvalConfig`) from its dict form, with the loader's checks."""
+    return _build(cls, raw, key)
 
 
 def _build(cls: type, raw: Any, key: str) -> Any:

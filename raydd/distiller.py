@@ -7,8 +7,7 @@ teacher service for logits and input gradients.
 
 Layout of RUN (every file written atomically, so a crash leaves the last complete version)::
 
-    config.yaml                          resolved config (the pipeline writes it; written here if absent)
-    distill/fingerprint.json             distillation-relevant config; a run of another config is refused
+    config.yaml                          resolved config (raydd.rundir: a run of another config is refused)
     distill/group-GGG/state.safetensors  APM state (images, optimiser) at the last checkpoint
     distill/group-GGG/progress.json      round, done, rollbacks, starts, completions, pid, host
     distill/group-GGG/final.safetensors  the finished group (images, labels)
@@ -36,9 +35,10 @@ from typing import Any, Callable
 
 import torch
 
-from .config import Config, flatten, refuse_mismatch
+from .config import Config, flatten
 from .errors import ConfigError, RayddError
-from .io import atomic_path, load_tensors, read_json, save_tensors, sha256_file, write_json, write_text
+from .io import atomic_path, load_tensors, read_json, save_tensors, sha256_file, write_json
+from .rundir import claim
 from .synset import MANIFEST, TENSOR_FILE, Synset, save_synset
 
 GROUP_SEED_STRIDE = 10007      # group g's seed = cfg.seed * GROUP_SEED_STRIDE + g
@@ -131,34 +131,16 @@ def service_name(cfg: Config, run_dir: str | Path) -> str:
 
 # ---------------------------------------------------------------------------- fingerprint
 
-def fingerprint_values(cfg: Config) -> dict[str, Any]:
-    """The config values a synset depends on, flattened to dotted keys."""
+def fingerprint(cfg: Config) -> str:
+    """sha256 of the config values a synset depends on; its manifest records it, a match means done."""
     d = cfg.to_dict()
     data, teachers, distill = d["data"], d["teachers"], d["distill"]
-    out: dict[str, Any] = {"seed": d["seed"]}
-    out.update({f"data.{k}": data[k] for k in _DATA_KEYS})
-    out.update({f"teachers.{k}": teachers[k] for k in _TEACHER_KEYS})
-    out.update(flatten({k: v for k, v in distill.items() if k not in _RUN_ONLY}, "distill"))
-    return out
-
-
-def fingerprint(values: dict[str, Any]) -> str:
+    values: dict[str, Any] = {"seed": d["seed"]}
+    values.update({f"data.{k}": data[k] for k in _DATA_KEYS})
+    values.update({f"teachers.{k}": teachers[k] for k in _TEACHER_KEYS})
+    values.update(flatten({k: v for k, v in distill.items() if k not in _RUN_ONLY}, "distill"))
     text = "\n".join(f"{k}={values[k]!r}" for k in sorted(values))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def claim_run(cfg: Config, run_dir: Path) -> str:
-    """Refuse a RUN that holds another config's distillation; record ours. Returns the fingerprint."""
-    values = fingerprint_values(cfg)
-    path = run_dir / "distill" / "fingerprint.json"
-    if path.exists():
-        refuse_mismatch(read_json(path).get("values", {}), values,
-                        f"{run_dir} holds a distillation of another config")
-    else:
-        write_json(path, {"sha256": fingerprint(values), "values": values})
-    if not (run_dir / "config.yaml").exists():
-        write_text(run_dir / "config.yaml", cfg.to_yaml())
-    return fingerprint(values)
 
 
 # ---------------------------------------------------------------------------- group worker
@@ -543,7 +525,8 @@ def run_distill(cfg: Config, run_dir: str | Path, *, progress: ProgressArg = Tru
         raise RayddError(f"backend {backend!r} is unknown; expected 'ray' or 'local'")
     cfg.validate()
     run_dir = Path(run_dir).resolve()   # Ray workers and the service may not share our cwd
-    fp = claim_run(cfg, run_dir)
+    claim(cfg, run_dir, "distill")  # called directly, run_distill guards RUN as the pipeline does
+    fp = fingerprint(cfg)
     if (done := _finished(run_dir, fp, t0)) is not None:
         return done
 

@@ -9,19 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import Config, flatten, refuse_mismatch
-from .io import write_text
-
-# Sections each stage depends on, and the outputs that show a section has been used.
-STAGE_SECTIONS = {
-    "teachers": ("data", "teachers"),
-    "distill": ("data", "teachers", "distill"),
-    "evaluate": ("data",),
-}
-SECTION_OUTPUTS = {"data": ("teachers", "distill", "synset"), "teachers": ("teachers",),
-                   "distill": ("distill", "synset")}
+from .config import Config
+from .rundir import claim
 
 
 def run_dir_for(cfg: Config, out: str | Path | None) -> Path:
@@ -30,34 +19,6 @@ def run_dir_for(cfg: Config, out: str | Path | None) -> Path:
 
 def _is_local(location: str) -> bool:
     return "://" not in location and not location.startswith("pipe:")
-
-
-def _ignored(key: str) -> bool:
-    """Keys that change how work runs, not what it computes."""
-    leaf = key.rsplit(".", 1)[-1]
-    return ".resources." in f".{key}." or leaf in {"max_retries", "max_restarts", "verify", "on_corrupt",
-                                                     "checkpoint_every", "max_batch", "name"}
-
-
-def claim_run_dir(cfg: Config, run_dir: Path, stage: str) -> None:
-    """Refuse to mix another config's results into ``run_dir``; then save the resolved config.
-
-    A section is compared only once outputs made with it exist; sections this stage does not
-    depend on keep their recorded values, so the saved config always describes the outputs.
-    """
-    saved_path = run_dir / "config.yaml"
-    new = cfg.to_dict()
-    if saved_path.exists():
-        old = yaml.safe_load(saved_path.read_text()) or {}
-        used = {s for s, outs in SECTION_OUTPUTS.items() if any((run_dir / o).exists() for o in outs)}
-        checked = sorted(used & set(STAGE_SECTIONS[stage]))
-        a, b = ({k: v for s in checked for k, v in flatten(d.get(s, {}), s).items() if not _ignored(k)}
-                for d in (old, new))
-        refuse_mismatch(a, b, f"{run_dir} holds a run of another config")
-        for section in used - set(STAGE_SECTIONS[stage]):
-            if section in old:
-                new[section] = old[section]
-    write_text(saved_path, yaml.safe_dump(new, sort_keys=False))
 
 
 def ensure_data(cfg: Config) -> None:
@@ -74,7 +35,7 @@ def ensure_data(cfg: Config) -> None:
 
 
 def stage_teachers(cfg: Config, run_dir: Path) -> list[dict]:
-    claim_run_dir(cfg, run_dir, "teachers")
+    claim(cfg, run_dir, "teachers")
     ensure_data(cfg)  # each stage starts Ray itself, only when it has work to do
     from .teachers import train_teachers
     t0 = time.time()
@@ -87,7 +48,6 @@ def stage_teachers(cfg: Config, run_dir: Path) -> list[dict]:
 
 
 def stage_distill(cfg: Config, run_dir: Path):
-    claim_run_dir(cfg, run_dir, "distill")
     ensure_data(cfg)
     from .distiller import run_distill
     result = run_distill(cfg, run_dir)
@@ -96,7 +56,7 @@ def stage_distill(cfg: Config, run_dir: Path):
 
 
 def stage_evaluate(cfg: Config, run_dir: Path, synset_dir: Path | None = None):
-    claim_run_dir(cfg, run_dir, "evaluate")
+    claim(cfg, run_dir, "evaluate")
     ensure_data(cfg)
     from .evaluate import run_evaluation
     result = run_evaluation(cfg, run_dir, synset_dir=synset_dir)

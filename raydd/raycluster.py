@@ -23,6 +23,9 @@ def init_ray(rc: RayConfig | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     common = dict(logging_level=logging.WARNING, log_to_driver=True)
     if rc.address is None:
+        # Token authentication stays on (Ray's default for a local start); only the notice that
+        # says so on every start is silenced. Warnings about auth being *off* still print.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_no_token_notice)
         try:
             ray.init(address="local", num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
                      include_dashboard=False, **common)
@@ -36,6 +39,10 @@ def init_ray(rc: RayConfig | None = None) -> None:
         ray.init(address=rc.address, **common)
     except Exception as e:
         raise RayddError(f"could not connect to Ray at ray.address={rc.address!r}: {_first_line(e)}") from None
+
+
+def _no_token_notice(record: logging.LogRecord) -> bool:
+    return "Token authentication is enabled" not in record.getMessage()
 
 
 def task_threads(res: Resources) -> int:

@@ -6,7 +6,7 @@ import yaml
 
 from raydd.config import Config, load_config
 from raydd.errors import ConfigError
-from raydd.pipeline import claim_run_dir
+from raydd.rundir import claim
 from raydd.errors import RayddError
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
@@ -40,6 +40,10 @@ def test_overrides_are_typed_and_nested(tmp_path):
     (["distill.rounds=0"], "distill.rounds: 0 is invalid"),
     (["evaluate.seeds=0"], "evaluate.seeds: 0 is invalid"),
     (["evaluate.modes=[soft, fuzzy]"], "evaluate.modes: 'fuzzy' is invalid"),
+    (["evaluate.mode_archs.kd=[mlp]"], "evaluate.mode_archs.kd: ['mlp'] is invalid; expected unset, since mode 'kd'"),
+    (["evaluate.mode_archs.soft=[resnet18]"], "evaluate.mode_archs.soft: 'resnet18' is invalid; expected one of "
+                                              "evaluate.archs"),
+    (["evaluate.mode_archs.fuzzy=[mlp]"], "unknown config key 'evaluate.mode_archs.fuzzy'"),
     (["teachers.resources.gpus=-1"], "teachers.resources.gpus"),
     (["distill=3"], "distill: expected a mapping"),
     (["novalue"], "expected KEY=VALUE"),
@@ -69,18 +73,18 @@ def test_resolved_config_round_trips():
 
 def test_run_dir_refuses_another_configs_outputs(tmp_path):
     cfg = load_config("configs/digits.yaml")
-    claim_run_dir(cfg, tmp_path, "teachers")
+    claim(cfg, tmp_path, "teachers")
     (tmp_path / "teachers").mkdir()
     # Changing how work is scheduled is fine; changing what the teachers are is not.
-    claim_run_dir(load_config("configs/digits.yaml", ["teachers.resources.cpus=2"]), tmp_path, "teachers")
+    claim(load_config("configs/digits.yaml", ["teachers.resources.cpus=2"]), tmp_path, "teachers")
     with pytest.raises(RayddError, match=r"teachers.epochs \(100 → 7\)"):
-        claim_run_dir(load_config("configs/digits.yaml", ["teachers.epochs=7"]), tmp_path, "distill")
+        claim(load_config("configs/digits.yaml", ["teachers.epochs=7"]), tmp_path, "distill")
     # The distill section was never used yet, so a new one is accepted and recorded.
-    claim_run_dir(load_config("configs/digits.yaml", ["distill.rounds=5"]), tmp_path, "distill")
+    claim(load_config("configs/digits.yaml", ["distill.rounds=5"]), tmp_path, "distill")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["distill"]["rounds"] == 5
     # Evaluation settings may change between evaluations; the recorded distill section stays.
     (tmp_path / "synset").mkdir()
-    claim_run_dir(load_config("configs/digits.yaml", ["distill.rounds=9", "evaluate.seeds=1"]), tmp_path,
+    claim(load_config("configs/digits.yaml", ["distill.rounds=9", "evaluate.seeds=1"]), tmp_path,
                   "evaluate")
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["distill"]["rounds"] == 5 and saved["evaluate"]["seeds"] == 1

@@ -97,19 +97,21 @@ def test_sweep_reports_and_resumes_without_rerunning_finished_trials(run, monkey
 def test_notebook_sweep_with_elf_and_lr_search(run):
     root, _ = run
     syn = Synset(*_subset(root), meta={"num_classes": 10})
-    res = sweep(syn, ["convnet:width=8", "mlp"], seeds=1, modes=("elf",),
+    res = sweep(syn, ["convnet:width=8", "mlp"], seeds=1, modes=("elf", "hard"), mode_archs={"hard": ["mlp"]},
                 param_space={"lr": [0.02, 0.05], "epochs": 2, "elf.feature_arch": "convnet:width=16",
                              "elf.feature_epochs": 1},
                 resources={"cpu": 1}, data=str(root / "digits"), out_dir=root / "nb", baselines=[],
                 progress=False)
-    got = {(t["arch"], t["mode"], t["lr"]) for t in res.trials}
-    assert got == {("convnet:width=8", "elf", 0.02), ("convnet:width=8", "elf", 0.05)}
+    got = {(t["arch"], t["mode"], t["lr"]) for t in res.trials}  # hard only for mlp, elf only where it fits
+    assert got == {("convnet:width=8", "elf", 0.02), ("convnet:width=8", "elf", 0.05),
+                   ("mlp", "hard", 0.02), ("mlp", "hard", 0.05)}
     assert all(t["status"] == "ok" for t in res.trials)
     assert any("elf not evaluated for mlp" in n and "no front/rear split" in n for n in res.notes)
     elf = [t for t in res.trials if t["mode"] == "elf"]
     assert all("projection 8<->16" in t["elf_adapted"] for t in elf)  # width 8 net vs width 16 features
     assert (root / "nb" / "elf_feature_model.safetensors").exists()
-    assert "@ lr" in res.table and "| mlp | — |" in res.table
+    assert "@ lr" in res.table and "| mlp | — | " in res.table
+    assert next(ln for ln in res.table.splitlines() if ln.startswith("| convnet:width=8 |")).endswith("| — |")
 
 
 def _subset(root):

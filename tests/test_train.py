@@ -125,6 +125,23 @@ def test_accuracy_restores_mode_and_counts_correctly():
         accuracy(model, [], "cpu")
 
 
+def test_accuracy_of_a_conv_net_is_layout_independent_and_leaves_it_trainable():
+    from raydd.models import build
+    torch.manual_seed(0)
+    net = build("convnet_bn:width=8", 1, 10, 8)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    net.eval()
+    with torch.no_grad():
+        expected = (net(x).argmax(1) == y).float().mean().item()
+    net.train()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    assert accuracy(net, tensor_batches((x, y), 16), "cpu") == pytest.approx(expected)
+    # channels-last is for the test pass only: same values, default layout and train mode afterwards
+    assert net.training and all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
+    assert all(p.is_contiguous() for p in net.parameters())
+    train_classifier(net, (x, y), epochs=1, lr=0.01, batch_size=32)
+
+
 def test_resolve_device_and_threads():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

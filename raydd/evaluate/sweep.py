@@ -40,7 +40,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..config import Config, ELFConfig, EvalConfig, KDConfig, Resources
+from ..config import Config, EvalConfig, ModeArchs, Resources, section
 from ..errors import ConfigError, DataError, RayddError
 from ..io import load_tensors, read_json, save_tensors, write_json
 from ..synset import MANIFEST, Synset, load_synset, save_synset
@@ -51,7 +51,7 @@ TEST_BATCH = 1024
 REPORTS_PER_PHASE = 50      # intermediate Tune results per training phase (progress, schedulers)
 IN_MEMORY_BYTES = 2 << 30   # a larger real training split is streamed from the shards every epoch
 # EvalConfig fields that choose *which* trials run or *where*, not what a trial computes.
-_NOT_SETTINGS = {"archs", "modes", "seeds", "lr", "lr_search", "baselines", "storage_path", "resources"}
+_NOT_SETTINGS = {"archs", "modes", "mode_archs", "seeds", "lr", "lr_search", "baselines", "storage_path", "resources"}
 # Settings that only one mode reads (its name is their prefix), so changing them re-runs only that mode.
 _MODE_SETTINGS = {"soft_loss", "soft_temperature", "kd", "elf"}
 
@@ -113,6 +113,7 @@ def run_evaluation(cfg: Config, run_dir: str | Path, *, synset_dir: str | Path |
 
 def sweep(synset: str | Path | Synset, archs: Sequence[str], seeds: int | Sequence[int] = 3,
           modes: Sequence[str] = ("soft",), param_space: dict[str, Any] | None = None,
+          mode_archs: dict[str, Sequence[str]] | None = None,
           resources: Resources | dict[str, float] | None = None, *, data: str | Path | None = None,
           config: Config | None = None, storage_path: str | None = None, name: str | None = None,
           out_dir: str | Path | None = None, baselines: Sequence[str] | None = None,
@@ -125,6 +126,7 @@ def sweep(synset: str | Path | Synset, archs: Sequence[str], seeds: int | Sequen
     for an lr search. ``resources`` per trial: ``{"cpu": 1, "gpu": 0.25}``. ``data``: the shard
     directory (default ``config.data.dir``). ``teachers``: a run directory holding ``teachers/``
     for the soft random baseline (default: the synset directory's parent when it has one).
+    ``mode_archs`` limits a mode to some of ``archs``, e.g. ``{"kd": ["resnet18"]}``.
     ``scheduler``: an optional Tune scheduler; trials report ``epoch`` and ``train_loss`` every
     epoch and ``test_acc`` at the end. Reports go to ``out_dir`` (default ``raydd-sweeps/NAME``).
     """
@@ -136,6 +138,11 @@ def sweep(synset: str | Path | Synset, archs: Sequence[str], seeds: int | Sequen
     if isinstance(modes, str):
         modes = [modes]
     ecfg.archs, ecfg.modes = list(archs), list(modes)
+    if mode_archs is not None:
+        if not isinstance(mode_archs, dict):
+            raise ConfigError(f"mode_archs: {mode_archs!r} is invalid; expected a dict mode -> list of archs")
+        ecfg.mode_archs = section(ModeArchs, {m: list(a) if isinstance(a, (list, tuple)) else a
+                                              for m, a in mode_archs.items()}, "mode_archs")
     seed_list = _seed_list(seeds, base.seed)
     ecfg.seeds = len(seed_list)
     lrs = _apply_param_space(ecfg, param_space or {})
@@ -319,7 +326,7 @@ def _execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds:
     planned: dict[str, dict[str, Any]] = {}
     for arch in ecfg.archs:
         for source, mode in prep.runs:
-            if (arch, mode) in prep.skip:
+            if (arch, mode) in prep.skip or not ecfg.mode_archs.allows(mode, arch):
                 continue
             for seed in seeds:
                 for lr in lrs:
@@ -327,7 +334,8 @@ def _execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds:
                     key = _hash({"label": label, "lr": lr, "settings": settings,
                                  "mode": {k: getattr(ecfg, k) for k in _MODE_SETTINGS if k.startswith(mode)},
                                  "epochs": full_epochs if source == "full" else None,
-                                 "source": prep.sources[source]["fingerprint"]})[:16]
+                                 "source": prep.sources[source]["fingerprint"],
+                                 "elf": prep.sources[source].get("elf") if mode == "elf" else None})[:16]
                     planned[label] = {"label": label, "source": source, "mode": mode, "arch": arch,
                                       "seed": seed, "lr": lr, "key": key}
     previous = _reusable(out_dir / "results.json")
@@ -474,10 +482,10 @@ def _prepare(synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: li
         if syn.elf_features is None:
             sources["distilled"]["features"] = str(_distilled_features(syn, syn_sha, feature_model, feature_sha,
                                                                        out).resolve())
-            sources["distilled"]["fingerprint"].append(feature_sha)
+            sources["distilled"]["elf"] = feature_sha
         else:
             notes.append("elf uses the feature maps stored with the synset")
-        sources["random"]["fingerprint"].append(feature_sha)
+        sources["random"]["elf"] = feature_sha   # in the keys of elf trials only
     if "random" in baselines:
         for seed in seeds:
             _random_subset(out / "random" / f"seed-{seed}", info, fp, ipc, seed, teachers, teacher_sha,
@@ -637,6 +645,9 @@ def _run_tune(ctx: dict[str, Any], labels: list[str], storage: str, experiment: 
     if slots < 1:
         raise RayddError(f"evaluate.resources ({res.cpus:g} CPU, {res.gpus:g} GPU per trial) exceed the Ray "
                          f"cluster ({total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU)")
+    # Tune's new console output prints an experiment banner even at verbose=0; the classic one
+    # stays silent, leaving the per-trial lines of _trial_lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(eval_trainable, {"cpu": res.cpus, "gpu": res.gpus})
     path = f"{storage.rstrip('/')}/{experiment}"
     if tune.Tuner.can_restore(path):
@@ -711,9 +722,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _ecfg_from_dict(d: dict[str, Any]) -> EvalConfig:
-    d = dict(d)
-    return EvalConfig(**{**d, "kd": KDConfig(**d["kd"]), "elf": ELFConfig(**d["elf"]),
-                         "resources": Resources(**d["resources"])})
+    return section(EvalConfig, d, "evaluate")
 
 
 def eval_trainable(config: dict[str, Any]) -> None:

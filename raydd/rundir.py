@@ -1,0 +1,51 @@
+"""A run directory's identity: the resolved config it was made with, saved as ``RUN/config.yaml``.
+
+Every stage claims the directory before it writes there, so results of two configs never mix:
+a section is compared only once outputs made with it exist, and only on keys that change what is
+computed (resources, retries and the like may change between resumptions).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .config import Config, flatten, refuse_mismatch
+from .io import write_text
+
+# Sections each stage depends on, and the outputs that show a section has been used.
+STAGE_SECTIONS = {
+    "teachers": ("data", "teachers"),
+    "distill": ("data", "teachers", "distill"),
+    "evaluate": ("data",),
+}
+SECTION_OUTPUTS = {"data": ("teachers", "distill", "synset"), "teachers": ("teachers",),
+                   "distill": ("distill", "synset")}
+
+
+def _ignored(key: str) -> bool:
+    """Keys that change how work runs, not what it computes."""
+    leaf = key.rsplit(".", 1)[-1]
+    return ".resources." in f".{key}." or leaf in {"max_retries", "max_restarts", "verify", "on_corrupt",
+                                                     "checkpoint_every", "max_batch", "name"}
+
+
+def claim(cfg: Config, run_dir: Path, stage: str) -> None:
+    """Refuse to mix another config's results into ``run_dir``; then save the resolved config.
+
+    A section is compared only once outputs made with it exist; sections this stage does not
+    depend on keep their recorded values, so the saved config always describes the outputs.
+    """
+    saved_path = run_dir / "config.yaml"
+    new = cfg.to_dict()
+    if saved_path.exists():
+        old = yaml.safe_load(saved_path.read_text()) or {}
+        used = {s for s, outs in SECTION_OUTPUTS.items() if any((run_dir / o).exists() for o in outs)}
+        checked = sorted(used & set(STAGE_SECTIONS[stage]))
+        a, b = ({k: v for s in checked for k, v in flatten(d.get(s, {}), s).items() if not _ignored(k)}
+                for d in (old, new))
+        refuse_mismatch(a, b, f"{run_dir} holds a run of another config")
+        for section in used - set(STAGE_SECTIONS[stage]):
+            if section in old:
+                new[section] = old[section]
+    write_text(saved_path, yaml.safe_dump(new, sort_keys=False))

@@ -1,0 +1,66 @@
+"""Test-set pass and training step of evaluation architectures on one CPU thread.
+
+Times a forward pass over ``--images`` test-sized images in eval mode, once in PyTorch's default
+(contiguous) layout and once channels-last (what :func:`raydd.train.accuracy` uses on CPU), and a
+training step on a 100-image batch (IPC 10 × 10 classes: one step per epoch). Best of
+``--repeats`` after a warm-up; both layouts are timed back to back.
+
+    python tools/bench_eval.py resnet18 vgg11 convnet:width=32 --shape 1,28,28
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from raydd.models import build
+
+
+def _seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: oneDNN picks its kernels on the first call
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("archs", nargs="+")
+    p.add_argument("--shape", default="1,28,28", help="C,H,W")
+    p.add_argument("--images", type=int, default=1024, help="test images per forward pass")
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    c, h, w = (int(v) for v in args.shape.split(","))
+    x = torch.randn(args.images, c, h, w)
+    xb, yb = torch.randn(100, c, h, w), torch.randint(0, 10, (100,))
+    print("| architecture | test pass, contiguous (s) | channels-last (s) | speed-up | train step (s) |")
+    print("|---|---|---|---|---|")
+    for arch in args.archs:
+        torch.manual_seed(0)
+        net = build(arch, c, 10, h)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            loss = torch.nn.functional.cross_entropy(net(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        train = _seconds(step, args.repeats)
+        net.eval()
+        with torch.no_grad():
+            plain = _seconds(lambda: net(x), args.repeats)
+            net.to(memory_format=torch.channels_last)
+            xc = x.contiguous(memory_format=torch.channels_last)
+            last = _seconds(lambda: net(xc), args.repeats)
+        print(f"| {arch} | {plain:.2f} | {last:.2f} | {plain / last:.2f}× | {train:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
