@@ -43,15 +43,22 @@ def test_lr_search_picks_the_best_lr_per_cell():
     assert "| mlp | 75.00 ± 5.00 (2) @ lr 0.1 |" in table
 
 
-def test_write_reports(tmp_path):
-    trials = [_trial("distilled", "convnet", "soft", s, a) for s, a in enumerate((0.8, 0.9))]
-    out = report.write_reports(tmp_path, trials, archs=["convnet"], columns=[("distilled", "soft")],
-                               config={"x": 1}, seconds=1.5, notes=[])
+def test_write_reports_with_timing(tmp_path):
+    # two trials overlap in time (started 100 and 105, 10 s each), the third started after both ended
+    trials = [dict(_trial("distilled", "convnet", "soft", s, a), started_at=t0, seconds=10.0, experiment=ex)
+              for s, a, t0, ex in ((0, 0.8, 100.0, "now"), (1, 0.9, 105.0, "now"), (2, 0.7, 120.0, "before"))]
+    trials.append(_trial("distilled", "mlp", "soft", 0, 0.5))  # no timing recorded
+    out = report.write_reports(tmp_path, trials, archs=["convnet", "mlp"], columns=[("distilled", "soft")],
+                               config={"x": 1}, seconds=31.5, notes=[], extra={"experiment": "now"})
     doc = json.loads(out["results_json"].read_text())
-    assert len(doc["trials"]) == 2 and doc["aggregate"][0]["mean"] == pytest.approx(0.85)
+    assert len(doc["trials"]) == 4 and doc["aggregate"][0]["mean"] == pytest.approx(0.8)
     rows = list(csv.DictReader(out["csv"].open()))
-    assert [float(r["test_acc"]) for r in rows] == [0.8, 0.9]
-    assert "85.00 ± 5.00 (2)" in out["md"].read_text()
+    assert [float(r["test_acc"]) for r in rows] == [0.8, 0.9, 0.7, 0.5]
+    md = out["md"].read_text()
+    assert "| architecture | soft | s/trial |" in md
+    assert "| convnet | 80.00 ± 8.16 (3) | 10 |" in md and "| mlp | 50.00 ± 0.00 (1) | — |" in md
+    assert "4 trials: 2 in this sweep's Tune experiment (32 s wall, at most 2 at once), 2 reused" in md
+    assert report.max_concurrent(trials) == 2 and report.max_concurrent(trials[2:]) == 1
     assert out["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -57,12 +57,30 @@ def _cells(agg: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, An
     return {(r["arch"], r["source"], r["mode"]): r for r in agg if r["best"]}
 
 
+def seconds_per_trial(trials: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Mean wall seconds of a finished trial (training and test pass) per architecture."""
+    by_arch: dict[str, list[float]] = {}
+    for t in trials:
+        if t.get("status") == "ok" and isinstance(t.get("seconds"), (int, float)):
+            by_arch.setdefault(t["arch"], []).append(float(t["seconds"]))
+    return {a: sum(v) / len(v) for a, v in by_arch.items()}
+
+
+def max_concurrent(trials: Iterable[dict[str, Any]]) -> int:
+    """The most trials that were running at one instant, from their start times and durations."""
+    spans = [(float(t["started_at"]), float(t["started_at"]) + float(t["seconds"])) for t in trials
+             if t.get("status") == "ok" and t.get("started_at") is not None and t.get("seconds") is not None]
+    return max((sum(s <= start < e for s, e in spans) for start, _ in spans), default=0)
+
+
 def table_markdown(agg: list[dict[str, Any]], archs: list[str], columns: list[Column], *,
-                   lr_search: bool = False, notes: Iterable[str] = ()) -> str:
-    """Rows: architectures; columns: the synset's modes beside the baselines; cells mean ± std (n) in %."""
+                   lr_search: bool = False, notes: Iterable[str] = (),
+                   seconds: dict[str, float] | None = None) -> str:
+    """Rows: architectures; columns: the synset's modes beside the baselines; cells mean ± std (n) in %;
+    with ``seconds``, a last column of mean seconds per trial."""
     cells = _cells(agg)
-    head = "| architecture | " + " | ".join(column_label(c) for c in columns) + " |"
-    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    head = "| architecture | " + " | ".join(column_label(c) for c in columns) + (" | s/trial" if seconds else "") + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1 + bool(seconds))]
     for arch in archs:
         row = []
         for source, mode in columns:
@@ -72,6 +90,8 @@ def table_markdown(agg: list[dict[str, Any]], archs: list[str], columns: list[Co
                 continue
             text = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} ({r['n']})"
             row.append(text + (f" @ lr {r['lr']:g}" if lr_search else ""))
+        if seconds:
+            row.append(f"{seconds[arch]:.0f}" if arch in seconds else "—")
         lines.append(f"| {arch} | " + " | ".join(row) + " |")
     text = "\n".join(lines)
     notes = list(notes)
@@ -128,14 +148,20 @@ def write_reports(out_dir: str | Path, trials: list[dict[str, Any]], *, archs: l
     """Write all four reports atomically; returns their paths, the aggregate and the table."""
     out = Path(out_dir)
     agg = aggregate(trials)
-    table = table_markdown(agg, archs, columns, lr_search=lr_search, notes=notes)
+    table = table_markdown(agg, archs, columns, lr_search=lr_search, notes=notes,
+                           seconds=seconds_per_trial(trials))
+    experiment = (extra or {}).get("experiment")
+    ran = [t for t in trials if experiment is not None and t.get("experiment") == experiment]
+    timing = (f"{len(trials)} trials: {len(ran)} in this sweep's Tune experiment ({seconds:.0f} s wall, "
+              f"at most {max_concurrent(ran)} at once), {len(trials) - len(ran)} reused from earlier sweeps.\n")
     paths = {"results_json": out / "results.json", "csv": out / "results.csv", "md": out / "results.md",
              "plot": out / "plot.png"}
     write_json(paths["results_json"], {"trials": trials, "aggregate": agg,
                                        "columns": [list(c) for c in columns], "archs": archs,
                                        "notes": notes, "config": config, "seconds": seconds, **(extra or {})})
     write_text(paths["csv"], trials_csv(trials))
-    heading = f"# Evaluation{': ' + title if title else ''}\n\nTest accuracy (%), mean ± std (n seeds).\n\n"
-    write_text(paths["md"], heading + table)
+    heading = (f"# Evaluation{': ' + title if title else ''}\n\nTest accuracy (%), mean ± std (n seeds); "
+               f"s/trial: mean wall seconds of one trial (training and test pass).\n\n")
+    write_text(paths["md"], heading + table + "\n" + timing)
     write_bytes(paths["plot"], plot_png(agg, archs, columns, title))
     return {**paths, "aggregate": agg, "table": table}
