@@ -40,9 +40,10 @@ def test_overrides_are_typed_and_nested(tmp_path):
     (["distill.rounds=0"], "distill.rounds: 0 is invalid"),
     (["evaluate.seeds=0"], "evaluate.seeds: 0 is invalid"),
     (["evaluate.modes=[soft, fuzzy]"], "evaluate.modes: 'fuzzy' is invalid"),
-    (["evaluate.mode_archs.kd=[mlp]"], "evaluate.mode_archs.kd: ['mlp'] is invalid; expected unset, since mode 'kd'"),
-    (["evaluate.mode_archs.soft=[resnet18]"], "evaluate.mode_archs.soft: 'resnet18' is invalid; expected one of "
-                                              "evaluate.archs"),
+    (["evaluate.modes=[soft,kd]", "evaluate.mode_archs.kd=[resnet18]"],
+     "evaluate.mode_archs.kd: ['resnet18'] is invalid; expected at least one of evaluate.archs"),
+    (["evaluate.mode_archs.soft=[]"], "evaluate.mode_archs.soft: [] is invalid; expected a non-empty list"),
+    (["evaluate.mode_archs.kd=[resnet99]"], "evaluate.mode_archs.kd[0]: unknown model 'resnet99'"),
     (["evaluate.mode_archs.fuzzy=[mlp]"], "unknown config key 'evaluate.mode_archs.fuzzy'"),
     (["teachers.resources.gpus=-1"], "teachers.resources.gpus"),
     (["distill=3"], "distill: expected a mapping"),

@@ -96,6 +96,12 @@ def test_sweep_reports_and_resumes_without_rerunning_finished_trials(run, monkey
     # a third run finds everything done and runs nothing
     again = run_evaluation(cfg, root / "run", progress=False)
     assert json.loads(again.results_json.read_text())["experiment"] is None and again.table == res.table
+    # a narrower grid reports only itself but keeps the rest on file: the full grid again runs nothing
+    narrow = run_evaluation(_cfg(root, archs=["mlp"]), root / "run", progress=False)
+    doc = json.loads(narrow.results_json.read_text())
+    assert narrow.trials == 6 and len(doc["other_trials"]) == 6 and "convnet" not in narrow.table
+    full = run_evaluation(cfg, root / "run", progress=False)
+    assert json.loads(full.results_json.read_text())["experiment"] is None and full.table == res.table
 
 
 def test_notebook_sweep_with_elf_and_lr_search(run):

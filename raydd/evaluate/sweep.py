@@ -17,7 +17,8 @@ Files under the evaluation directory ``OUT`` (``RUN/eval`` for ``raydd evaluate`
     results.{json,csv,md}, plot.png
 
 Resuming: a trial is identified by (source, mode, arch, seed, lr) plus a hash of every setting
-that changes its result. Trials already in ``results.json`` are reused; the rest form one Tune
+that changes its result. Trials already in ``results.json`` are reused (those of other grids are kept
+there under ``other_trials``, outside the table); the rest form one Tune
 experiment named after their hash, so rerunning an interrupted sweep finds the same experiment
 and resumes it with ``Tuner.restore(..., resume_errored=True)`` — finished trials are not re-run.
 A changed grid only runs the new trials.
@@ -363,7 +364,10 @@ def _execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds:
     order = {label: i for i, label in enumerate(planned)}
     trials = sorted(reused + ran, key=lambda t: order.get(t["label"], len(order)))
     failed = [t for t in trials if t["status"] != "ok"]
-    meta = {"complete": not failed, "pending_experiment": experiment if failed else None,
+    # finished trials of other grids stay on file (not in the table), so narrowing a sweep loses nothing
+    planned_keys = {t["key"] for t in planned.values()}
+    meta = {"other_trials": [t for k, t in previous.items() if k not in planned_keys],
+            "complete": not failed, "pending_experiment": experiment if failed else None,
             "synset": str(prep.synset_dir), "synset_sha256": prep.synset_sha, "ipc": prep.ipc,
             "seeds": seeds, "lrs": lrs, "storage_path": storage, "experiment": experiment}
     written = report.write_reports(out_dir, trials, archs=list(ecfg.archs), columns=prep.columns,
@@ -398,7 +402,7 @@ def _reusable(path: Path) -> dict[str, dict[str, Any]]:
     except RayddError:
         return {}
     restore = doc.get("pending_experiment")
-    return {t["key"]: t for t in doc.get("trials", [])
+    return {t["key"]: t for t in doc.get("trials", []) + doc.get("other_trials", [])
             if t.get("status") == "ok" and t.get("key") and (restore is None or t.get("experiment") != restore)}
 
 
