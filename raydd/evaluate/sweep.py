@@ -536,9 +536,12 @@ def _elf_feature_model(ecfg: EvalConfig, data: str, info: Any, fp: str, dsa_stra
         if progress:
             print(f"[evaluate] training the ELF feature model {model.spec} for {ecfg.elf.feature_epochs} epochs",
                   flush=True)
-        task = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=1)(_feature_task)
+        # it runs alone, before any trial: give it the free CPUs of a node, not one trial's share
+        node = max([n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")], default=0)
+        cpus = max(resources.cpus, math.floor(min(node, ray.available_resources().get("CPU", 0))))
+        task = ray.remote(num_cpus=cpus, num_gpus=resources.gpus, max_retries=1)(_feature_task)
         state, acc = ray.get(task.remote(ecfg.elf.feature_arch, data, dataclasses.asdict(ecfg),
-                                         dsa_strategy, device, resources.cpus, zca))
+                                         dsa_strategy, device, cpus, zca))
         sha = save_tensors(weights, state, metadata={"spec": model.spec})
         write_json(meta_path, {**want, "sha256": sha, "test_acc": acc})
         meta = read_json(meta_path)
