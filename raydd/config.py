@@ -216,6 +216,9 @@ class EvalConfig:
     epochs: int = 300
     full_epochs: Optional[int] = None  # whole-training-set baseline; None = epochs
     lr: float = 0.01
+    # lr per architecture spec, replacing lr for its trials: a net without normalisation (AlexNet)
+    # can diverge at a rate the BN nets need. Entries outside archs are ignored.
+    arch_lr: dict[str, float] = field(default_factory=dict)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 256
@@ -240,10 +243,18 @@ class EvalConfig:
                "null or an integer >= 1")
         _check(all(lr > 0 for lr in self.lr_search or []), f"{key}.lr_search", self.lr_search,
                "a list of positive learning rates")
+        for arch, lr in self.arch_lr.items():
+            _check(lr > 0, f"{key}.arch_lr.{arch}", lr, "a positive learning rate")
+        _check(not (self.arch_lr and self.lr_search), f"{key}.arch_lr", self.arch_lr,
+               "no per-architecture lr beside an lr_search (the search picks each architecture's lr)")
         self.kd.validate(f"{key}.kd")
         self.elf.validate(f"{key}.elf")
         self.mode_archs.validate(f"{key}.mode_archs", self.archs, self.modes)
         self.resources.validate(f"{key}.resources")
+
+    def lr_of(self, arch: str) -> Optional[float]:
+        """``arch``'s entry in ``arch_lr`` (by canonical spec); None: the sweep's lr."""
+        return {_canonical(a): lr for a, lr in self.arch_lr.items()}.get(_canonical(arch))
 
 
 EVAL_MODES = ("hard", "soft", "kd", "elf")
@@ -277,6 +288,7 @@ class Config:
         specs += [(f"evaluate.archs[{i}]", a) for i, a in enumerate(self.evaluate.archs)]
         specs += [(f"evaluate.mode_archs.{m}[{i}]", a) for m in EVAL_MODES
                   for i, a in enumerate(getattr(self.evaluate.mode_archs, m) or [])]
+        specs += [(f"evaluate.arch_lr.{a}", a) for a in self.evaluate.arch_lr]
         for key, spec in specs:
             if spec is None:
                 continue
@@ -383,6 +395,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

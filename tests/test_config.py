@@ -29,6 +29,14 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert cfg.teachers.resources.cpus == 0.5
 
 
+def test_arch_lr_matches_specs_by_canonical_form():
+    cfg = load_config("configs/digits.yaml", ['evaluate.arch_lr={"convnet:width=128": 0.02, mlp: 1}'])
+    ev = cfg.evaluate
+    assert ev.arch_lr == {"convnet:width=128": 0.02, "mlp": 1.0} and isinstance(ev.arch_lr["mlp"], float)
+    assert ev.lr_of("convnet") == 0.02 and ev.lr_of("mlp") == 1.0  # width 128 is convnet's default
+    assert ev.lr_of("convnet:width=32") is None and ev.lr_of("lenet") is None
+
+
 @pytest.mark.parametrize("override, message", [
     (["distill.ipcc=3"], "unknown config key 'distill.ipcc'"),
     (["bogus=1"], "unknown config key 'bogus'"),
@@ -45,6 +53,11 @@ def test_overrides_are_typed_and_nested(tmp_path):
     (["evaluate.mode_archs.soft=[]"], "evaluate.mode_archs.soft: [] is invalid; expected a non-empty list"),
     (["evaluate.mode_archs.kd=[resnet99]"], "evaluate.mode_archs.kd[0]: unknown model 'resnet99'"),
     (["evaluate.mode_archs.fuzzy=[mlp]"], "unknown config key 'evaluate.mode_archs.fuzzy'"),
+    (["evaluate.arch_lr.mlp=0"], "evaluate.arch_lr.mlp: 0.0 is invalid; expected a positive learning rate"),
+    (["evaluate.arch_lr.resnet99=0.1"], "evaluate.arch_lr.resnet99: unknown model 'resnet99'"),
+    (["evaluate.arch_lr=[mlp]"], "evaluate.arch_lr: expected a mapping"),
+    (["evaluate.arch_lr.mlp=0.1", "evaluate.lr_search=[0.1, 0.2]"],
+     "evaluate.arch_lr: {'mlp': 0.1} is invalid; expected no per-architecture lr beside an lr_search"),
     (["teachers.resources.gpus=-1"], "teachers.resources.gpus"),
     (["distill=3"], "distill: expected a mapping"),
     (["novalue"], "expected KEY=VALUE"),

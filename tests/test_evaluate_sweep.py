@@ -125,6 +125,29 @@ def test_notebook_sweep_with_elf_and_lr_search(run):
     assert re.fullmatch(r"\| convnet:width=8 \| [\d.]+ ± [\d.]+ \(1\) @ lr [\d.]+ \| — \| \d+ \|", line)  # no hard
 
 
+def test_a_changed_grid_after_a_failure_runs_only_its_new_trials(run, monkeypatch):
+    root, _ = run
+    marker = root / "mlp-fixed"
+    monkeypatch.setenv("RAYDD_TEST_FAIL", f"mlp@{marker}")  # mlp fails, as a diverging net would
+    cfg = _cfg(root, epochs=2, modes=["hard"])
+    kwargs = dict(seeds=1, modes=["hard"], data=str(root / "digits"), out_dir=root / "archlr", baselines=[],
+                  progress=False, config=cfg)
+    with pytest.raises(RayddError, match=r"1 of 2 evaluation trials did not finish .*mlp"):
+        sweep(root / "run" / "synset", ARCHS, **kwargs)
+    first = {t["arch"]: t for t in json.loads((root / "archlr" / "results.json").read_text())["trials"]}
+    assert first["convnet:width=8"]["status"] == "ok" and first["mlp"]["status"] != "ok"
+
+    marker.write_text("")
+    cfg.evaluate.arch_lr = {"mlp": 0.02}  # a new trial for mlp; the failed experiment is not restored
+    res = sweep(root / "run" / "synset", ARCHS, **kwargs)
+    again = {t["arch"]: t for t in res.trials}
+    assert again["convnet:width=8"]["started_at"] == first["convnet:width=8"]["started_at"]  # reused
+    assert again["mlp"]["status"] == "ok" and again["mlp"]["lr"] == 0.02
+    assert again["convnet:width=8"]["lr"] == 0.05 and res.experiment != first["mlp"]["experiment"]
+    assert "- lr 0.05, except mlp 0.02 (evaluate.arch_lr)" in res.table
+    assert re.search(r"2 trials: 1 in this sweep's Tune experiment .*, 1 reused", res.md.read_text())
+
+
 def _subset(root):
     from raydd.data import load_info, sample_per_class
     return sample_per_class(load_info(root / "digits"), "train", 1, seed=7)

@@ -52,7 +52,7 @@ TEST_BATCH = 1024
 REPORTS_PER_PHASE = 50      # intermediate Tune results per training phase (progress, schedulers)
 IN_MEMORY_BYTES = 2 << 30   # a larger real training split is streamed from the shards every epoch
 # EvalConfig fields that choose *which* trials run or *where*, not what a trial computes.
-_NOT_SETTINGS = {"archs", "modes", "mode_archs", "seeds", "lr", "lr_search", "baselines", "storage_path", "resources"}
+_NOT_SETTINGS = {"archs", "modes", "mode_archs", "seeds", "lr", "arch_lr", "lr_search", "baselines", "storage_path", "resources"}
 # Settings that only one mode reads (its name is their prefix), so changing them re-runs only that mode.
 _MODE_SETTINGS = {"soft_loss", "soft_temperature", "kd", "elf"}
 
@@ -324,13 +324,21 @@ def _execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds:
     settings["dsa_strategy"] = dsa_strategy
 
     multi_lr = len(lrs) > 1
+    if multi_lr and ecfg.arch_lr:
+        raise ConfigError(f"evaluate.arch_lr: {ecfg.arch_lr} cannot be combined with an lr search "
+                          f"over {lrs}; expected one of the two")
+    own = {arch: ecfg.lr_of(arch) for arch in ecfg.archs if ecfg.lr_of(arch) is not None}
+    if own:
+        prep.notes.append(f"lr {lrs[0]:g}, except " + ", ".join(f"{a} {lr:g}" for a, lr in own.items())
+                          + " (evaluate.arch_lr)")
     planned: dict[str, dict[str, Any]] = {}
     for arch in ecfg.archs:
+        own_lr = own.get(arch)
         for source, mode in prep.runs:
             if (arch, mode) in prep.skip or not ecfg.mode_archs.allows(mode, arch):
                 continue
             for seed in seeds:
-                for lr in lrs:
+                for lr in [own_lr] if own_lr is not None else lrs:
                     label = f"{source}/{mode} {arch} s{seed}" + (f" lr{lr:g}" if multi_lr else "")
                     key = _hash({"label": label, "lr": lr, "settings": settings,
                                  "mode": {k: getattr(ecfg, k) for k in _MODE_SETTINGS if k.startswith(mode)},
@@ -339,14 +347,20 @@ def _execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds:
                                  "elf": prep.sources[source].get("elf") if mode == "elf" else None})[:16]
                     planned[label] = {"label": label, "source": source, "mode": mode, "arch": arch,
                                       "seed": seed, "lr": lr, "key": key}
-    previous = _reusable(out_dir / "results.json")
-    reused = [dict(previous[t["key"]], label=t["label"]) for t in planned.values() if t["key"] in previous]
-    pending = [t for t in planned.values() if t["key"] not in previous]
+    previous, restore = _reusable(out_dir / "results.json")
+    # the same grid after a failure: restore its experiment (its finished trials come back from Tune);
+    # a changed grid runs only what is missing, reusing the failed experiment's finished trials too
+    kept = {k: t for k, t in previous.items() if t.get("experiment") != restore}
+    pending = [t for t in planned.values() if t["key"] not in kept]
+    if restore is None or _experiment(name, pending) != restore:
+        kept = previous
+        pending = [t for t in planned.values() if t["key"] not in kept]
+    reused = [dict(kept[t["key"]], label=t["label"]) for t in planned.values() if t["key"] in kept]
 
     experiment = None
     ran: list[dict[str, Any]] = []
     if pending:
-        experiment = f"{name}-{_hash(sorted(t['key'] for t in pending))[:10]}"
+        experiment = _experiment(name, pending)
         ctx = {"data": prep.info.root, "ecfg": dataclasses.asdict(ecfg), "dsa_strategy": dsa_strategy,
                "device": trial_device, "cpus": resources.cpus, "shape": list(prep.info.shape),
                "num_classes": prep.info.num_classes, "sources": prep.sources,
@@ -376,8 +390,9 @@ def _execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds:
                                    extra=meta, title=f"{title} · IPC {prep.ipc}")
     if failed:
         first = failed[0]
+        hint = f" (evaluate.arch_lr.{first['arch']} sets its lr alone)" if "diverged" in str(first.get("error")) else ""
         raise RayddError(f"{len(failed)} of {len(trials)} evaluation trials did not finish (first: "
-                         f"{first['label']}: {first.get('error') or first['status']}); finished trials are "
+                         f"{first['label']}: {first.get('error') or first['status']}{hint}); finished trials are "
                          f"kept in {written['results_json']} — rerun the same command to resume the rest")
     return SweepResult(trials=trials, aggregate=written["aggregate"], table=written["table"],
                        results_json=written["results_json"], csv=written["csv"], md=written["md"],
@@ -393,17 +408,21 @@ def _trial_device(device: str, res: Resources) -> str:
     return "cuda" if res.gpus > 0 else "cpu"
 
 
-def _reusable(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished trials of earlier sweeps, by key — except those of an experiment that will be restored."""
+def _reusable(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Finished trials of earlier sweeps by key, and the experiment a failed sweep left to restore."""
     if not path.exists():
-        return {}
+        return {}, None
     try:
         doc = read_json(path)
     except RayddError:
-        return {}
-    restore = doc.get("pending_experiment")
-    return {t["key"]: t for t in doc.get("trials", []) + doc.get("other_trials", [])
-            if t.get("status") == "ok" and t.get("key") and (restore is None or t.get("experiment") != restore)}
+        return {}, None
+    return ({t["key"]: t for t in doc.get("trials", []) + doc.get("other_trials", [])
+             if t.get("status") == "ok" and t.get("key")}, doc.get("pending_experiment"))
+
+
+def _experiment(name: str, pending: list[dict[str, Any]]) -> str:
+    """Named after its trials, so rerunning an interrupted sweep finds the same experiment."""
+    return f"{name}-{_hash(sorted(t['key'] for t in pending))[:10]}"
 
 
 def _prepare(synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: list[int], baselines: list[str],
