@@ -125,19 +125,29 @@ def test_notebook_sweep_with_elf_and_lr_search(run):
     assert re.fullmatch(r"\| convnet:width=8 \| [\d.]+ ± [\d.]+ \(1\) @ lr [\d.]+ \| — \| \d+ \|", line)  # no hard
 
 
-def test_a_changed_grid_after_a_failure_runs_only_its_new_trials(run, monkeypatch):
+def test_elf_checks_only_the_architectures_mode_archs_gives_it(run):
     root, _ = run
-    marker = root / "mlp-fixed"
-    monkeypatch.setenv("RAYDD_TEST_FAIL", f"mlp@{marker}")  # mlp fails, as a diverging net would
-    cfg = _cfg(root, epochs=2, modes=["hard"])
+    kwargs = dict(seeds=1, modes=("elf",), data=str(root / "digits"), out_dir=root / "elfonly", baselines=[],
+                  param_space={"epochs": 1, "elf.feature_arch": "convnet:width=8", "elf.feature_epochs": 1},
+                  progress=False)
+    res = sweep(root / "run" / "synset", ARCHS, mode_archs={"elf": ["convnet:width=8"]}, **kwargs)
+    assert [(t["arch"], t["status"]) for t in res.trials] == [("convnet:width=8", "ok")]
+    assert not any("mlp" in n for n in res.notes)  # mlp never runs elf: no refusal to report
+    with pytest.raises(RayddError, match=r"mode 'elf' fits none of the architectures mlp; .*front/rear split"):
+        sweep(root / "run" / "synset", ARCHS, mode_archs={"elf": ["mlp"]}, **kwargs)
+
+
+def test_a_changed_grid_after_a_failure_runs_only_its_new_trials(run):
+    root, _ = run
+    cfg = _cfg(root, epochs=2, modes=["hard"], arch_lr={"mlp": 1e30})  # mlp diverges in its second epoch
     kwargs = dict(seeds=1, modes=["hard"], data=str(root / "digits"), out_dir=root / "archlr", baselines=[],
                   progress=False, config=cfg)
-    with pytest.raises(RayddError, match=r"1 of 2 evaluation trials did not finish .*mlp"):
+    with pytest.raises(RayddError, match=r"1 of 2 evaluation trials did not finish .*mlp.*diverged.*"
+                                         r"\(evaluate.arch_lr.mlp sets its lr alone\)"):
         sweep(root / "run" / "synset", ARCHS, **kwargs)
     first = {t["arch"]: t for t in json.loads((root / "archlr" / "results.json").read_text())["trials"]}
     assert first["convnet:width=8"]["status"] == "ok" and first["mlp"]["status"] != "ok"
 
-    marker.write_text("")
     cfg.evaluate.arch_lr = {"mlp": 0.02}  # a new trial for mlp; the failed experiment is not restored
     res = sweep(root / "run" / "synset", ARCHS, **kwargs)
     again = {t["arch"]: t for t in res.trials}

@@ -327,7 +327,7 @@ def _execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds:
     if multi_lr and ecfg.arch_lr:
         raise ConfigError(f"evaluate.arch_lr: {ecfg.arch_lr} cannot be combined with an lr search "
                           f"over {lrs}; expected one of the two")
-    own = {arch: ecfg.lr_of(arch) for arch in ecfg.archs if ecfg.lr_of(arch) is not None}
+    own = {arch: lr for arch in ecfg.archs if (lr := ecfg.lr_of(arch)) is not None}
     if own:
         prep.notes.append(f"lr {lrs[0]:g}, except " + ", ".join(f"{a} {lr:g}" for a, lr in own.items())
                           + " (evaluate.arch_lr)")
@@ -352,7 +352,7 @@ def _execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds:
     # a changed grid runs only what is missing, reusing the failed experiment's finished trials too
     kept = {k: t for k, t in previous.items() if t.get("experiment") != restore}
     pending = [t for t in planned.values() if t["key"] not in kept]
-    if restore is None or _experiment(name, pending) != restore:
+    if _experiment(name, pending) != restore:  # also when nothing is left to restore (None)
         kept = previous
         pending = [t for t in planned.values() if t["key"] not in kept]
     reused = [dict(kept[t["key"]], label=t["label"]) for t in planned.values() if t["key"] in kept]
@@ -493,14 +493,15 @@ def _prepare(synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: li
         feature_model, feature_sha, fshape = _elf_feature_model(ecfg, data, info, fp, dsa_strategy, out,
                                                                 resources, device, zca, ray_cfg, progress)
         fshapes = {fshape, tuple(syn.elf_features.shape[1:]) if syn.elf_features is not None else fshape}
-        for arch in ecfg.archs:
+        elf_archs = [a for a in ecfg.archs if ecfg.mode_archs.allows("elf", a)]  # the others never try it
+        for arch in elf_archs:
             net = build(arch, shape[0], classes, shape[1])
             reason = next((r for r in (_elf_refusal(net, shape, fs) for fs in fshapes) if r), "")
             if reason:
                 skip.add((arch, "elf"))
                 notes.append(f"elf not evaluated for {arch}: {reason}")
-        if len(skip) == len(ecfg.archs):
-            raise RayddError(f"mode 'elf' fits none of the architectures {', '.join(ecfg.archs)}; "
+        if len(skip) == len(elf_archs):
+            raise RayddError(f"mode 'elf' fits none of the architectures {', '.join(elf_archs)}; "
                              f"{notes[-1].split(': ', 1)[1]}")
         if syn.elf_features is None:
             sources["distilled"]["features"] = str(_distilled_features(syn, syn_sha, feature_model, feature_sha,
