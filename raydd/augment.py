@@ -1,17 +1,21 @@
 """Differentiable siamese augmentation (DSA) and ZCA whitening, in plain PyTorch.
 
-DSA follows ParamDiffAug of the DSA/MTT code in its 'single' mode: every call picks ONE op of
-the strategy at random and draws ONE set of parameters for the whole batch, so that real and
-synthetic batches augmented with equally seeded generators see the same transform ("siamese"),
-and gradients flow back to the (synthetic) pixels. Images are in normalised space; pixels moved
-in from outside the frame are 0, i.e. the dataset mean, exactly as in the reference code.
+DSA follows ParamDiffAug of the DSA/APM code in its 'single' mode: every call picks ONE op of the
+strategy at random. Like the reference's ``DiffAugment`` called without a seed, which is how APM's
+student training, teacher training and evaluation call it, each image of the batch then draws its
+OWN parameters (scale, angle, shift, hole, flip, colour factors). ``shared=True`` is the seeded
+("siamese") mode of gradient matching: one set of parameters for the whole batch, drawn
+independently of the batch size, so a real and a synthetic batch augmented by two shared calls
+with equally seeded generators (or by ``apply`` with one ``draw``) see the same transform.
+Gradients flow back to the pixels. Images are in normalised space; pixels moved in from outside
+the frame are 0, i.e. the dataset mean, exactly as in the reference code.
 
 ZCA is kornia's ``ZCAWhitening(eps=0.1, compute_inv=True)`` as used by MTT/APM on CIFAR.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,73 +32,140 @@ FLIP_PROB = 0.5
 SCALE = 1.2
 ROTATE_DEG = 15.0
 
-Op = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
+Size = tuple[int, int]  # (height, width)
 
 
-def _uniform(generator: torch.Generator | None) -> float:
-    return float(torch.rand((), generator=generator))
+def _rand(n: int, g: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=g.device if g is not None else "cpu")
 
 
-def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
-    """Integer in [low, high)."""
-    return int(torch.randint(low, high, (), generator=generator))
+def _randint(low: int, high: int, n: int, g: torch.Generator | None) -> torch.Tensor:
+    """``n`` integers in [low, high)."""
+    return torch.randint(low, high, (n,), generator=g, device=g.device if g is not None else "cpu")
 
 
-def _affine(x: torch.Tensor, theta: list[list[float]]) -> torch.Tensor:
-    """Warp every image with the same 2×3 affine matrix (normalised coordinates, zero fill)."""
-    t = torch.tensor(theta, dtype=x.dtype, device=x.device).unsqueeze(0).expand(x.shape[0], 2, 3)
-    grid = F.affine_grid(t, list(x.shape), align_corners=True)
+def crop_shift(side: int) -> int:
+    """Largest crop translation along a side of ``side`` pixels (the reference's int(side·0.125 + 0.5))."""
+    return int(side * CROP_PAD + 0.5)
+
+
+def cutout_size(side: int) -> int:
+    return int(side * CUTOUT + 0.5)
+
+
+# Samplers: (n, (h, w), generator) -> per-image parameters, the first dimension n.
+
+def sample_color(n: int, size: Size, g: torch.Generator | None) -> torch.Tensor:
+    """n×3: brightness shift (U-0.5)·1, saturation factor U·2, contrast factor U+0.5."""
+    b = (_rand(n, g) - 0.5) * BRIGHTNESS
+    s = _rand(n, g) * SATURATION
+    c = _rand(n, g) + CONTRAST
+    return torch.stack([b, s, c], dim=1)
+
+
+def sample_crop(n: int, size: Size, g: torch.Generator | None) -> torch.Tensor:
+    """n×2 integer (row, column) translations, each in [-crop_shift(side), +crop_shift(side)]."""
+    sh, sw = crop_shift(size[0]), crop_shift(size[1])
+    return torch.stack([_randint(-sh, sh + 1, n, g), _randint(-sw, sw + 1, n, g)], dim=1)
+
+
+def sample_cutout(n: int, size: Size, g: torch.Generator | None) -> torch.Tensor:
+    """n×2 hole centres (row, column), each in [0, side + 1 - cutout_size % 2) as in the reference
+    (one extra position for even sizes); the hole starts cutout_size // 2 before the centre."""
+    ch, cw = cutout_size(size[0]), cutout_size(size[1])
+    return torch.stack([_randint(0, size[0] + 1 - ch % 2, n, g),
+                        _randint(0, size[1] + 1 - cw % 2, n, g)], dim=1)
+
+
+def sample_flip(n: int, size: Size, g: torch.Generator | None) -> torch.Tensor:
+    """n booleans: flip left-right with probability 0.5."""
+    return _rand(n, g) < FLIP_PROB
+
+
+def sample_scale(n: int, size: Size, g: torch.Generator | None) -> torch.Tensor:
+    """n×2 (sx, sy), each U(1/1.2, 1.2) independently: the sampling grid's stretch per axis."""
+    sx = _rand(n, g) * (SCALE - 1.0 / SCALE) + 1.0 / SCALE
+    sy = _rand(n, g) * (SCALE - 1.0 / SCALE) + 1.0 / SCALE
+    return torch.stack([sx, sy], dim=1)
+
+
+def sample_rotate(n: int, size: Size, g: torch.Generator | None) -> torch.Tensor:
+    """n angles in radians, U(-15°, 15°)."""
+    return (_rand(n, g) - 0.5) * 2.0 * ROTATE_DEG / 180.0 * math.pi
+
+
+# Appliers: (x, parameters with first dimension x.shape[0]) -> augmented x, differentiable in x.
+
+def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Warp image i with the 2×3 matrix theta[i] (normalised coordinates, align_corners=True and
+    zero fill, as the APM code)."""
+    theta = theta.to(x.device, x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
     return F.grid_sample(x, grid, align_corners=True)
 
 
-def _color(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-    x = x + (_uniform(g) - 0.5) * BRIGHTNESS
+def _col(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-image scalars as an n×1×1×1 tensor on x's device and dtype."""
+    return p.to(x.device, x.dtype).view(-1, 1, 1, 1)
+
+
+def apply_color(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    x = x + _col(p[:, 0], x)
     mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (_uniform(g) * SATURATION) + mean
+    x = (x - mean) * _col(p[:, 1], x) + mean
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (_uniform(g) + CONTRAST) + mean
+    return (x - mean) * _col(p[:, 2], x) + mean
 
 
-def _crop(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-    """Pad-and-crop as an integer translation by up to 12.5 % of the side."""
+def apply_crop(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """out[i, :, r, c] = x[i, :, r + dy_i, c + dx_i], 0 outside the frame: the reference's
+    pad-and-crop, done as an exact gather."""
+    n, ch, h, w = x.shape
+    p = p.to(x.device)
+    rows = torch.arange(h, device=x.device) + p[:, :1]  # n×h
+    cols = torch.arange(w, device=x.device) + p[:, 1:]  # n×w
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    index = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
+    out = x.reshape(n, ch, h * w).gather(2, index.view(n, 1, h * w).expand(n, ch, h * w))
+    return out.view(n, ch, h, w) * inside[:, None].to(x.dtype)
+
+
+def apply_cutout(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     h, w = x.shape[2], x.shape[3]
-    sh, sw = int(h * CROP_PAD + 0.5), int(w * CROP_PAD + 0.5)
-    dy, dx = _randint(-sh, sh + 1, g), _randint(-sw, sw + 1, g)
-    # With align_corners=True one pixel is 2/(side-1) in normalised units, so the shift is exact.
-    return _affine(x, [[1.0, 0.0, 2.0 * dx / max(w - 1, 1)], [0.0, 1.0, 2.0 * dy / max(h - 1, 1)]])
-
-
-def _cutout(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-    h, w = x.shape[2], x.shape[3]
-    ch, cw = int(h * CUTOUT + 0.5), int(w * CUTOUT + 0.5)
-    # Centre range as in the reference (one extra position for even sizes), clipped at the border.
-    cy = _randint(0, h + (1 - ch % 2), g) - ch // 2
-    cx = _randint(0, w + (1 - cw % 2), g) - cw // 2
+    ch, cw = cutout_size(h), cutout_size(w)
+    p = p.to(x.device)
+    top, left = p[:, :1] - ch // 2, p[:, 1:] - cw // 2  # clipped at the border, as the reference
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
-    hole = ((rows >= cy) & (rows < cy + ch))[:, None] & ((cols >= cx) & (cols < cx + cw))[None, :]
-    return x * (~hole).to(x.dtype)
+    hole = ((rows >= top) & (rows < top + ch))[:, :, None] & ((cols >= left) & (cols < left + cw))[:, None, :]
+    return x * (~hole)[:, None].to(x.dtype)
 
 
-def _flip(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-    return x.flip(3) if _uniform(g) < FLIP_PROB else x
+def apply_flip(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return torch.where(p.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
 
 
-def _scale(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-    sx = _uniform(g) * (SCALE - 1.0 / SCALE) + 1.0 / SCALE
-    sy = _uniform(g) * (SCALE - 1.0 / SCALE) + 1.0 / SCALE
-    return _affine(x, [[sx, 0.0, 0.0], [0.0, sy, 0.0]])
+def apply_scale(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    zero = torch.zeros_like(p[:, 0])
+    theta = torch.stack([torch.stack([p[:, 0], zero, zero], 1), torch.stack([zero, p[:, 1], zero], 1)], 1)
+    return _affine(x, theta)
 
 
-def _rotate(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-    a = (_uniform(g) - 0.5) * 2.0 * ROTATE_DEG / 180.0 * math.pi
-    c, s = math.cos(a), math.sin(a)
-    return _affine(x, [[c, -s, 0.0], [s, c, 0.0]])
+def apply_rotate(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    c, s, zero = torch.cos(p), torch.sin(p), torch.zeros_like(p)
+    theta = torch.stack([torch.stack([c, -s, zero], 1), torch.stack([s, c, zero], 1)], 1)
+    return _affine(x, theta)
+
+
+class Op(NamedTuple):
+    sample: Callable[[int, Size, "torch.Generator | None"], torch.Tensor]
+    apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 OPS: dict[str, Op] = {
-    "color": _color, "crop": _crop, "cutout": _cutout,
-    "flip": _flip, "scale": _scale, "rotate": _rotate,
+    "color": Op(sample_color, apply_color), "crop": Op(sample_crop, apply_crop),
+    "cutout": Op(sample_cutout, apply_cutout), "flip": Op(sample_flip, apply_flip),
+    "scale": Op(sample_scale, apply_scale), "rotate": Op(sample_rotate, apply_rotate),
 }
 
 
@@ -110,18 +181,41 @@ def validate_strategy(strategy: str, key: str) -> list[str]:
 
 
 class DSA:
-    """``dsa(x, generator)``: one random op of the strategy, same parameters for the whole batch."""
+    """``dsa(x, generator)``: one random op of the strategy, its parameters drawn per image.
 
-    def __init__(self, strategy: str = "color_crop_cutout_flip_scale_rotate"):
+    ``shared`` (here or per call) draws one set for the whole batch instead, for siamese pairs.
+    Randomness comes only from ``generator`` (the global RNG when None), so equal generators give
+    equal results."""
+
+    def __init__(self, strategy: str = "color_crop_cutout_flip_scale_rotate", shared: bool = False):
         self.strategy = strategy
         self.ops = validate_strategy(strategy, "dsa strategy")
+        self.shared = shared
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        op = self.ops[_randint(0, len(self.ops), generator)]
-        return OPS[op](x, generator).contiguous()
+    def draw(self, x: torch.Tensor, generator: torch.Generator | None = None,
+             shared: bool | None = None) -> tuple[str, torch.Tensor]:
+        """The op and its parameters for batch ``x`` (first dimension 1 when shared)."""
+        shared = self.shared if shared is None else shared
+        op = self.ops[int(_randint(0, len(self.ops), 1, generator))]
+        n = 1 if shared else x.shape[0]
+        return op, OPS[op].sample(n, (x.shape[2], x.shape[3]), generator)
+
+    @staticmethod
+    def apply(x: torch.Tensor, op: str, params: torch.Tensor) -> torch.Tensor:
+        """Augment ``x`` with ``draw``'s result; one row of parameters serves the whole batch."""
+        if params.shape[0] == 1 and x.shape[0] != 1:
+            params = params.expand(x.shape[0], *params.shape[1:])
+        elif params.shape[0] != x.shape[0]:
+            raise RayddError(f"DSA {op}: {params.shape[0]} parameter rows for a batch of {x.shape[0]} "
+                             "images; expected one row per image or a single shared row")
+        return OPS[op].apply(x, params).contiguous()
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 shared: bool | None = None) -> torch.Tensor:
+        return self.apply(x, *self.draw(x, generator, shared))
 
     def __repr__(self) -> str:
-        return f"DSA({self.strategy!r})"
+        return f"DSA({self.strategy!r}{', shared=True' if self.shared else ''})"
 
 
 class ZCA:

@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from raydd.augment import DSA, OPS, ZCA, validate_strategy
+from raydd.augment import DSA, OPS, ZCA, crop_shift, cutout_size, validate_strategy
 from raydd.errors import ConfigError, RayddError
 from raydd.io import load_tensors, save_tensors
 
@@ -12,6 +14,32 @@ def gen(seed):
 
 def images(n=4, c=3, h=12, w=10, seed=0):
     return torch.randn(n, c, h, w, generator=gen(seed))
+
+
+def copies(n=64, c=3, h=12, w=10):
+    """n copies of one asymmetric image, so any two different transforms give different outputs."""
+    return images(n=1, c=c, h=h, w=w, seed=7).expand(n, -1, -1, -1).contiguous()
+
+
+def ks_uniform(values, low, high):
+    """Kolmogorov-Smirnov distance between the sample and U(low, high)."""
+    v = ((values.double() - low) / (high - low)).sort().values
+    n = len(v)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return max(float((i / n - v).max()), float((v - (i - 1) / n).max()))
+
+
+def ks_limit(n, alpha=1e-3):
+    return math.sqrt(-math.log(alpha / 2) / 2) / math.sqrt(n)
+
+
+def assert_discrete_uniform(values, low, high):
+    """Every integer of [low, high] appears and none other; each count within 5 σ of n/k."""
+    n, k = len(values), high - low + 1
+    counts = torch.bincount(values - low, minlength=k)
+    assert values.min() == low and values.max() == high and len(counts) == k
+    sigma = math.sqrt(n * (1 / k) * (1 - 1 / k))
+    assert (counts.double() - n / k).abs().max() < 5 * sigma, counts
 
 
 def test_validate_strategy_splits_and_names_the_key():
@@ -25,13 +53,14 @@ def test_validate_strategy_splits_and_names_the_key():
         validate_strategy("", "distill.x")
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_each_op_preserves_shape_and_is_differentiable(op):
+def test_each_op_preserves_shape_and_is_differentiable(op, shared):
     x = images().requires_grad_(True)
     weights = torch.randn(x.shape, generator=gen(9))
     # Several seeds so that the non-identity branch (e.g. flip) is exercised too.
     for seed in range(6):
-        y = DSA(op)(x, gen(seed))
+        y = DSA(op, shared=shared)(x, gen(seed))
         assert y.shape == x.shape and torch.isfinite(y).all()
         x.grad = None
         (y * weights).sum().backward()
@@ -39,57 +68,184 @@ def test_each_op_preserves_shape_and_is_differentiable(op):
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_same_parameters_for_every_image_of_the_batch(op):
-    x = images(n=3)
-    batch = DSA(op)(x, gen(5))
-    # The same generator state applied to each image alone gives the same result,
-    # so the parameters are drawn once per batch, not per image.
-    for i in range(3):
-        alone = DSA(op)(x[i:i + 1], gen(5))
-        torch.testing.assert_close(batch[i:i + 1], alone)
-    same = DSA(op)(x[:1].expand(3, -1, -1, -1).contiguous(), gen(11))
-    torch.testing.assert_close(same[0], same[2])
+def test_per_image_by_default_and_one_transform_when_shared(op):
+    x = copies()
+    y = DSA(op)(x, gen(5))
+    distinct = {tuple(y[i].flatten().tolist()) for i in range(len(y))}
+    assert len(distinct) > 1  # copies of one image come out differently
+    _, params = DSA(op).draw(x, gen(5))
+    assert params.shape[0] == 64 and len(torch.unique(params, dim=0)) > 1
+    for seed in range(3):
+        s = DSA(op, shared=True)(x, gen(seed))
+        assert torch.equal(s, s[:1].expand_as(s))
+        assert torch.equal(DSA(op)(x, gen(seed), shared=True), s)  # per-call switch
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_batched_apply_equals_applying_each_row_alone(op):
+    x = images(n=6)
+    dsa = DSA(op)
+    name, params = dsa.draw(x, gen(3))
+    y = dsa.apply(x, name, params)
+    for i in range(len(x)):
+        torch.testing.assert_close(y[i:i + 1], dsa.apply(x[i:i + 1], name, params[i:i + 1]))
+
+
+def test_siamese_pair_of_different_batch_sizes_sees_one_transform():
+    """Two shared calls with equally seeded generators: real and synthetic batches, any sizes."""
+    dsa = DSA(shared=True)
+    real, syn = images(n=16, seed=1), images(n=3, seed=2)
+    for seed in range(12):
+        both = dsa(torch.cat([syn, real]), gen(seed))
+        torch.testing.assert_close(dsa(real, gen(seed)), both[3:])
+        torch.testing.assert_close(dsa(syn, gen(seed)), both[:3])
+        op, params = dsa.draw(syn, gen(seed))
+        assert params.shape[0] == 1
+        torch.testing.assert_close(dsa.apply(real, op, params), both[3:])
+    op, params = DSA().draw(syn, gen(0))
+    with pytest.raises(RayddError, match="3 parameter rows for a batch of 16"):
+        DSA.apply(real, op, params)
+
+
+N = 20000
+SIZE = (28, 40)  # unequal sides catch a swapped axis
+
+
+def test_color_parameters_follow_the_reference_distributions():
+    p = OPS["color"].sample(N, SIZE, gen(0))
+    for col, (low, high) in enumerate([(-0.5, 0.5), (0.0, 2.0), (0.5, 1.5)]):
+        v = p[:, col]
+        assert v.min() >= low and v.max() < high
+        assert ks_uniform(v, low, high) < ks_limit(N)
+    assert abs(float(torch.corrcoef(p.T)[0, 1])) < 0.05  # independent draws
+
+
+def test_scale_and_rotate_parameters_follow_the_reference_distributions():
+    s = OPS["scale"].sample(N, SIZE, gen(1))
+    for col in range(2):
+        assert s[:, col].min() >= 1 / 1.2 and s[:, col].max() < 1.2
+        assert ks_uniform(s[:, col], 1 / 1.2, 1.2) < ks_limit(N)
+    assert abs(float(torch.corrcoef(s.T)[0, 1])) < 0.05  # sx and sy independent
+    a = OPS["rotate"].sample(N, SIZE, gen(2))
+    lim = math.radians(15)
+    assert a.min() >= -lim and a.max() < lim
+    assert ks_uniform(a, -lim, lim) < ks_limit(N)
+
+
+def test_crop_cutout_flip_parameters_follow_the_reference_distributions():
+    h, w = SIZE
+    assert (crop_shift(28), crop_shift(32), crop_shift(8), crop_shift(12)) == (4, 4, 1, 2)
+    assert (cutout_size(28), cutout_size(32), cutout_size(9)) == (14, 16, 5)
+    c = OPS["crop"].sample(N, SIZE, gen(3))
+    assert_discrete_uniform(c[:, 0], -4, 4)
+    assert_discrete_uniform(c[:, 1], -5, 5)
+    o = OPS["cutout"].sample(N, SIZE, gen(4))
+    # Centres in [0, side + 1 - size % 2): one extra position for even hole sizes.
+    assert_discrete_uniform(o[:, 0], 0, h)
+    assert_discrete_uniform(o[:, 1], 0, w)
+    odd = OPS["cutout"].sample(N, (9, 9), gen(5))
+    assert_discrete_uniform(odd[:, 0], 0, 8)
+    f = OPS["flip"].sample(N, SIZE, gen(6))
+    assert f.dtype == torch.bool
+    assert abs(float(f.double().mean()) - 0.5) < 5 * math.sqrt(0.25 / N)
 
 
 def test_generator_makes_it_reproducible_and_seeds_differ():
-    dsa = DSA()
-    x = images()
-    torch.testing.assert_close(dsa(x, gen(3)), dsa(x, gen(3)))
-    outs = [dsa(x, gen(s)) for s in range(8)]
-    assert any(not torch.allclose(outs[0], o) for o in outs[1:])
+    for shared in (False, True):
+        dsa = DSA(shared=shared)
+        x = images()
+        torch.testing.assert_close(dsa(x, gen(3)), dsa(x, gen(3)))
+        outs = [dsa(x, gen(s)) for s in range(8)]
+        assert any(not torch.allclose(outs[0], o) for o in outs[1:])
 
 
-def test_crop_is_an_exact_integer_shift_with_zero_fill():
-    x = images(n=2, c=1, h=16, w=16)
-    for seed in range(10):
-        y = DSA("crop")(x, gen(seed))
-        matches = []
-        for dy in range(-2, 3):
-            for dx in range(-2, 3):
-                ref = torch.zeros_like(x)
-                src = x[:, :, max(dy, 0):16 + min(dy, 0), max(dx, 0):16 + min(dx, 0)]
-                ref[:, :, max(-dy, 0):16 + min(-dy, 0), max(-dx, 0):16 + min(-dx, 0)] = src
-                matches.append(torch.allclose(y, ref, atol=1e-5))
-        assert sum(matches) == 1
+def test_op_choice_is_uniform_over_the_strategy():
+    dsa = DSA("crop_flip_scale")
+    picks = [dsa.draw(images(n=1), gen(s))[0] for s in range(600)]
+    assert {op: picks.count(op) for op in dsa.ops}.keys() == {"crop", "flip", "scale"}
+    assert all(150 < picks.count(op) < 250 for op in dsa.ops)
 
 
-def test_flip_and_cutout_semantics():
-    x = images(n=2, c=2, h=8, w=8)
-    flips = {bool(torch.equal(DSA("flip")(x, gen(s)), x.flip(3))) for s in range(10)}
-    assert flips == {True, False}
-    for seed in range(10):
-        y = DSA("cutout")(x, gen(seed))
-        hole = (y == 0) & (x != 0)
-        assert torch.equal(hole[0], hole[1]) and torch.equal(hole[:, 0], hole[:, 1])
-        assert 0 < hole[0, 0].sum() <= 16  # at most a 4×4 block (half of each side)
-        kept = ~hole
-        torch.testing.assert_close(y[kept], x[kept])
+def shifted(img, dy, dx):
+    h, w = img.shape[-2:]
+    out = torch.zeros_like(img)
+    out[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)] = \
+        img[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)]
+    return out
 
 
-def test_color_on_single_channel_and_rotate_keeps_the_centre():
-    x = images(n=2, c=1, h=9, w=9)
-    y = DSA("color")(x, gen(1))
-    assert not torch.allclose(x, y)
+def test_crop_is_an_exact_integer_shift_with_zero_fill_per_image():
+    x = images(n=32, c=2, h=16, w=12)
+    dsa = DSA("crop")
+    op, params = dsa.draw(x, gen(0))
+    y = dsa.apply(x, op, params)
+    assert len(torch.unique(params, dim=0)) > 5
+    for i, (dy, dx) in enumerate(params.tolist()):
+        assert torch.equal(y[i], shifted(x[i], dy, dx))  # out[r, c] = x[r + dy, c + dx]
+
+
+def test_flip_and_cutout_semantics_per_image():
+    x = images(n=32, c=2, h=8, w=8)
+    op, f = DSA("flip").draw(x, gen(1))
+    y = DSA.apply(x, op, f)
+    assert 0 < int(f.sum()) < 32
+    for i in range(32):
+        assert torch.equal(y[i], x[i].flip(-1) if f[i] else x[i])
+    op, centres = DSA("cutout").draw(x, gen(2))
+    y = DSA.apply(x, op, centres)
+    rows, cols = torch.arange(8), torch.arange(8)
+    for i, (cy, cx) in enumerate(centres.tolist()):
+        # A 4×4 hole starting 2 before the centre, clipped at the border.
+        hole = ((rows >= cy - 2) & (rows < cy + 2))[:, None] & ((cols >= cx - 2) & (cols < cx + 2))[None, :]
+        assert 0 < hole.sum() <= 16
+        assert torch.equal(y[i], x[i] * ~hole)
+    assert len({tuple(c) for c in centres.tolist()}) > 5
+
+
+def test_color_factors_use_the_reference_means():
+    x = images(n=3, c=3, h=5, w=5)
+    apply = OPS["color"].apply
+    torch.testing.assert_close(apply(x, torch.tensor([[0.0, 1.0, 1.0]] * 3)), x)
+    b = torch.tensor([[0.3, 1.0, 1.0], [-0.2, 1.0, 1.0], [0.0, 1.0, 1.0]])
+    torch.testing.assert_close(apply(x, b), x + b[:, :1, None, None])
+    grey = apply(x, torch.tensor([[0.0, 0.0, 1.0]] * 3))  # saturation 0: every channel = channel mean
+    torch.testing.assert_close(grey, x.mean(1, keepdim=True).expand_as(x))
+    c = apply(x, torch.tensor([[0.0, 1.0, 0.7]] * 3))  # contrast about the per-image mean
+    torch.testing.assert_close(c.mean((1, 2, 3)), x.mean((1, 2, 3)))
+    torch.testing.assert_close(c - c.mean((1, 2, 3), keepdim=True), 0.7 * (x - x.mean((1, 2, 3), keepdim=True)))
+    y = DSA("color")(images(n=2, c=1, h=9, w=9), gen(1))  # single channel
+    assert not torch.allclose(images(n=2, c=1, h=9, w=9), y)
+
+
+def ramp(n, h, w, axis):
+    """Images whose value is the normalised coordinate (align_corners=True) along ``axis``."""
+    u = torch.linspace(-1, 1, w if axis == "x" else h)
+    img = u.view(1, w).expand(h, w) if axis == "x" else u.view(h, 1).expand(h, w)
+    return img.expand(n, 1, h, w).contiguous()
+
+
+def test_scale_stretches_the_sampling_grid_per_axis_and_image():
+    n, h, w = 8, 9, 11
+    p = OPS["scale"].sample(n, (h, w), gen(0))
+    for axis, col, side in (("x", 0, w), ("y", 1, h)):
+        y = OPS["scale"].apply(ramp(n, h, w, axis), p)
+        u = torch.linspace(-1, 1, side)
+        # Output at coordinate u samples the input at s·u; inside the frame the ramp gives s·u.
+        inner = (u.abs() * 1.2 < 1)
+        got = y[:, 0, h // 2, :] if axis == "x" else y[:, 0, :, w // 2]
+        torch.testing.assert_close(got[:, inner], p[:, col:col + 1] * u[inner], atol=1e-5, rtol=0)
+
+
+def test_rotate_turns_the_grid_per_image_and_keeps_the_centre():
+    n, s = 8, 9
+    a = OPS["rotate"].sample(n, (s, s), gen(0))
+    y = OPS["rotate"].apply(ramp(n, s, s, "x"), a)
+    u = torch.linspace(-1, 1, s)
+    # Output (u, v) samples the input at u·cos a − v·sin a: a ramp's value there, inside the frame.
+    for i in range(n):
+        exp = u.view(1, s) * torch.cos(a[i]) - u.view(s, 1) * torch.sin(a[i])
+        torch.testing.assert_close(y[i, 0, 2:-2, 2:-2], exp[2:-2, 2:-2], atol=1e-5, rtol=0)
+    x = images(n=16, c=1, h=9, w=9)
     r = DSA("rotate")(x, gen(2))
     torch.testing.assert_close(r[:, :, 4, 4], x[:, :, 4, 4], atol=1e-5, rtol=0)
 
