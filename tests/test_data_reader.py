@@ -178,3 +178,56 @@ def test_shuffle_is_a_reproducible_permutation(digits, reference):
 def test_missing_dataset_dir(tmp_path):
     with pytest.raises(DataError, match=r"has no dataset.json; run `raydd data prepare SOURCE --out"):
         data.load_info(tmp_path)
+
+
+def test_load_split_checks_the_last_shard(copy):
+    """A whole-split read runs the end-of-shard checks of every shard, the last one included:
+    here its labels are rewritten (all 0) and its sha256 is stale."""
+    manifest = json.loads((copy / "dataset.json").read_text())
+    last = manifest["shards"]["train"][-1]["name"]
+    import tarfile
+    src = copy / last
+    members = []
+    with tarfile.open(src) as t:
+        for m in t.getmembers():
+            data_ = t.extractfile(m).read()
+            if m.name.endswith(".cls"):
+                data_ = b"0"
+                m.size = 1
+            members.append((m, data_))
+    import io
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for m, d in members:
+            t.addfile(m, io.BytesIO(d))
+    src.write_bytes(buf.getvalue())
+    manifest["shards"]["train"][-1]["bytes"] = len(buf.getvalue())
+    (copy / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"{last}: sha256 [0-9a-f]{{12}}… does not match dataset.json"):
+        data.load_split(copy, "train")
+    _, y = data.load_split(copy, "train", verify=False)
+    assert (y[-237:] == 0).all()   # the rewrite is real: unverified, it would train on it
+
+
+@pytest.mark.parametrize("name", ["t.tar; touch PWNED; true", "../x.tar", "a b.tar", "$(id).tar", ""])
+def test_shard_names_cannot_inject_commands(copy, tmp_path, name):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    manifest = json.loads((copy / "dataset.json").read_text())
+    manifest["shards"]["train"][0]["name"] = name
+    (copy / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="shard name .* is invalid; expected letters, digits"):
+        data.load_split(f"pipe:cd {cwd} && cat {copy}/{{name}}", "train")
+    assert not any(cwd.iterdir())
+
+
+def test_pipe_names_are_shell_quoted(monkeypatch):
+    """A name the pattern allows still reaches the shell quoted; option-like names are refused."""
+    from raydd.data import reader
+    assert reader._join("pipe:cat /d/{name}", "train-000000.tar") == "pipe:cat /d/train-000000.tar"
+    monkeypatch.setattr(reader, "SHARD_NAME", __import__("re").compile(r".+"))
+    assert reader._join("pipe:cat /d/{name}", "a;b") == "pipe:cat /d/'a;b'"
+    assert reader._join("/d/{name}", "a;b") == "/d/a;b"   # no shell: no quoting
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="shard name '-rf' is invalid"):
+        reader._join("pipe:cat /d/{name}", "-rf")

@@ -3,7 +3,8 @@
 A dataset location is a directory, a ``file://`` / ``http(s)://`` prefix, or a ``pipe:``
 command containing ``{name}`` (e.g. ``pipe:aws s3 cp s3://bucket/cifar10/{name} -``); shard
 URLs are ``prefix/NAME`` or the template with ``{name}`` filled in. Shards are opened with
-``webdataset.gopen`` (curl for http, a shell for ``pipe:``; trusted locations only) and
+``webdataset.gopen`` (curl for http, a shell for ``pipe:``: shard names must match a strict
+pattern and are shell-quoted into the command, so a manifest cannot inject commands) and
 parsed with WebDataset's tar iterator, one explicit shard list per call: WebDataset's node
 splitter does nothing inside Ray actors, so callers pass ``shards_for(info, split, rank, world)``.
 
@@ -25,6 +26,7 @@ import logging
 import os
 import random
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -68,9 +70,16 @@ class DatasetInfo:
         return [s["name"] for s in self.shards[split]]
 
 
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def _join(root: str, name: str) -> str:
+    if not SHARD_NAME.fullmatch(name):
+        raise DataError(f"shard name {name!r} is invalid; expected letters, digits, '.', '_' or '-' "
+                        "(e.g. train-000000.tar)")
     if "{name}" in root:
-        return root.replace("{name}", name)
+        # A pipe: location is run by a shell: the name goes in quoted, whatever the pattern allows.
+        return root.replace("{name}", shlex.quote(name) if root.startswith("pipe:") else name)
     if root.startswith("pipe:"):
         raise DataError(f"dataset location {root!r} is a pipe: command without {{name}}; expected e.g. "
                         "'pipe:aws s3 cp s3://bucket/data/{name} -'")
@@ -115,6 +124,14 @@ def _info(root: str, m: Any, url: str) -> DatasetInfo:
     missing = [k for k in need if not isinstance(m, dict) or k not in m]
     if missing:
         raise DataError(f"{url} is not a raydd dataset manifest (missing {', '.join(missing)})")
+    if not isinstance(m["shards"], dict) or not all(isinstance(v, list) for v in m["shards"].values()):
+        raise DataError(f"{url}: 'shards' must map each split to a list of shard records")
+    for split, entries in m["shards"].items():
+        for e in entries:
+            if not isinstance(e, dict) or not SHARD_NAME.fullmatch(str(e.get("name", ""))):
+                shown = e.get("name") if isinstance(e, dict) else e
+                raise DataError(f"{url}: shard name {shown!r} in split {split!r} is invalid; expected "
+                                "letters, digits, '.', '_' or '-' (e.g. train-000000.tar)")
     c, h, w = (int(v) for v in m["shape"])
     return DatasetInfo(root=root, source=m["source"], classes=list(m["classes"]),
                        num_classes=int(m["num_classes"]), shape=(c, h, w), image_size=h, in_channels=c,
@@ -348,7 +365,8 @@ def stream(info: DatasetInfo | str, split: str, shards: list[str] | None = None,
 def load_split(info: DatasetInfo | str, split: str, *, normalize: bool = True, limit: int | None = None,
                verify: bool = True, on_corrupt: Literal["fail", "skip"] = "fail",
                shards: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole split (or its first ``limit`` samples) in memory: x N×C×H×W, y N int64."""
+    """The whole split (or its first ``limit`` samples) in memory: x N×C×H×W, y N int64.
+    With ``limit`` only the shards read are checked, and the last of them only if read to its end."""
     info = load_info(info)
     s = stream(info, split, shards, verify=verify, on_corrupt=on_corrupt, normalize=False)
     n = sum(e["count"] for e in s.entries)
@@ -356,7 +374,11 @@ def load_split(info: DatasetInfo | str, split: str, *, normalize: bool = True, l
     x = torch.empty((n, *info.shape), dtype=torch.uint8)
     y = torch.empty(n, dtype=torch.int64)
     got = 0
-    for got, (xi, yi) in enumerate(itertools.islice(s, n), 1):
+    # Without a limit the stream is read to its end: a shard's checks run only after its last
+    # sample, so stopping at the expected count would skip them for the last shard.
+    for got, (xi, yi) in enumerate(s if limit is None else itertools.islice(s, n), 1):
+        if got > n:
+            raise DataError(f"the {split} split of {info.root} holds more samples than dataset.json's {n}")
         x[got - 1], y[got - 1] = xi, yi
     x, y = x[:got], y[:got]  # skip mode may deliver fewer than dataset.json counts
     return (_normalize(x, *_stats(info)) if normalize else x), y
