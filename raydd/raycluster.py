@@ -31,6 +31,7 @@ def init_ray(rc: RayConfig | None = None) -> None:
                      include_dashboard=False, **common)
         except Exception as e:  # Ray raises assorted types when the local start fails
             raise RayddError(f"could not start a local Ray instance: {_first_line(e)}") from None
+        private_token()
         return
     if rc.num_cpus is not None or rc.num_gpus is not None:
         raise ConfigError(f"ray.num_cpus/ray.num_gpus size a local Ray only; drop them or ray.address "
@@ -39,6 +40,16 @@ def init_ray(rc: RayConfig | None = None) -> None:
         ray.init(address=rc.address, **common)
     except Exception as e:
         raise RayddError(f"could not connect to Ray at ray.address={rc.address!r}: {_first_line(e)}") from None
+
+
+def private_token(path: str | os.PathLike | None = None) -> None:
+    """Ray writes the token it generates on a local start world-readable (0644); a secret is 0600."""
+    path = os.path.expanduser(path or os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token")
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:   # no token file (auth off, or the token comes from RAY_AUTH_TOKEN)
+        pass
 
 
 def _no_token_notice(record: logging.LogRecord) -> bool:
