@@ -6,6 +6,8 @@ naming the dotted key. ``--set a.b=value`` overrides are parsed as YAML scalars/
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -54,6 +56,10 @@ class RayConfig:
     num_cpus: Optional[int] = None     # for a local Ray only
     num_gpus: Optional[int] = None
 
+    def validate(self, key: str) -> None:
+        _check(self.num_cpus is None or self.num_cpus >= 1, f"{key}.num_cpus", self.num_cpus, "null or an integer >= 1")
+        _check(self.num_gpus is None or self.num_gpus >= 0, f"{key}.num_gpus", self.num_gpus, "null or an integer >= 0")
+
 
 @dataclass
 class TeachersConfig:
@@ -70,6 +76,7 @@ class TeachersConfig:
 
     def validate(self, key: str) -> None:
         _positive(self, key, "count", "epochs", "batch_size", "lr")
+        _sgd(self, key, "momentum", "weight_decay")
         self.resources.validate(f"{key}.resources")
 
 
@@ -141,6 +148,7 @@ class DistillConfig:
         _check(0 <= self.lr_img_decay_at <= 1, f"{key}.lr_img_decay_at", self.lr_img_decay_at,
                "a fraction in [0, 1]")
         _check(self.alpha >= 0, f"{key}.alpha", self.alpha, "a non-negative weight")
+        _sgd(self, key, "momentum_img")
         self.pool.validate(f"{key}.pool")
         self.service.validate(f"{key}.service")
         self.resources.validate(f"{key}.resources")
@@ -239,6 +247,7 @@ class EvalConfig:
         _check(len(self.modes) >= 1, f"{key}.modes", self.modes, "a non-empty list of modes")
         _check(self.seeds >= 1, f"{key}.seeds", self.seeds, "an integer >= 1")
         _positive(self, key, "epochs", "lr", "batch_size", "soft_temperature")
+        _sgd(self, key, "momentum", "weight_decay")
         _check(self.full_epochs is None or self.full_epochs >= 1, f"{key}.full_epochs", self.full_epochs,
                "null or an integer >= 1")
         _check(all(lr > 0 for lr in self.lr_search or []), f"{key}.lr_search", self.lr_search,
@@ -258,6 +267,7 @@ class EvalConfig:
 
 
 EVAL_MODES = ("hard", "soft", "kd", "elf")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
@@ -272,6 +282,8 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, key: str = "") -> None:
+        _check(isinstance(self.name, str) and bool(RUN_NAME.fullmatch(self.name)), "name", self.name,
+               "letters, digits, '.', '_' or '-', starting with a letter or digit (it names runs/NAME)")
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub) and hasattr(sub, "validate"):
@@ -314,14 +326,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for item in overrides or []:
         apply_override(raw, item)
     return from_dict(raw)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    keys = [loader.construct_object(k, deep=True) for k, _ in node.value]
+    for i, k in enumerate(keys):
+        if k in keys[:i]:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {k!r}", node.start_mark)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -412,8 +441,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -446,6 +475,16 @@ def refuse_mismatch(old: dict[str, Any], new: dict[str, Any], what: str) -> None
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {value!r} is invalid; expected {expected}")
+
+
+def _sgd(obj: Any, key: str, *names: str) -> None:
+    """Momentum in [0, 1), weight decay >= 0."""
+    for n in names:
+        v = getattr(obj, n)
+        if "momentum" in n:
+            _check(0 <= v < 1, f"{key}.{n}", v, "a momentum in [0, 1)")
+        else:
+            _check(v >= 0, f"{key}.{n}", v, "a non-negative weight decay")
 
 
 def _positive(obj: Any, key: str, *names: str) -> None:

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,28 @@ def test_run_dir_refuses_another_configs_outputs(tmp_path):
                   "evaluate")
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["distill"]["rounds"] == 5 and saved["evaluate"]["seeds"] == 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ("distill.lr_img=.inf", "distill.lr_img"), ("distill.lr_net=.nan", "distill.lr_net"),
+    ("teachers.momentum=-0.1", "teachers.momentum"), ("teachers.weight_decay=-1e-4", "teachers.weight_decay"),
+    ("distill.momentum_img=-0.5", "distill.momentum_img"), ("evaluate.momentum=7", "evaluate.momentum"),
+    ("evaluate.weight_decay=-1", "evaluate.weight_decay"), ("ray.num_cpus=-3", "ray.num_cpus"),
+    ("name=../../..", "name"), ("name=a/b", "name"),
+])
+def test_impossible_values_are_refused(override, key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: ") as e:
+        load_config("configs/digits.yaml", [override])
+    assert "\n" not in str(e.value)
+
+
+def test_duplicate_and_binary_config_files(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("name: a\ndistill:\n  ipc: 2\n  ipc: 3\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: .*duplicate key 'ipc'") as e:
+        load_config(dup)
+    assert "\n" not in str(e.value)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(binary)
