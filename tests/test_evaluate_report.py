@@ -62,6 +62,44 @@ def test_write_reports_with_timing(tmp_path):
     assert out["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_write_reports_with_honest_scores(tmp_path):
+    # full hard 0.90, synset hard 0.70 → HLR 0.20; soft: synset 0.80, random 0.75 → IOR 0.05,
+    # α = −0.075, LRS 0.2382. The sweep ran with evaluate.dsa off, so the unmarked trials are the
+    # no-aug side and the two dsa=True trials the aug side: gaps 0.05 (aug), 0.05 (no aug) → β = 0.05, ARS 0.2908
+    trials = [_trial("full", "convnet", "hard", 0, 0.90), _trial("distilled", "convnet", "hard", 0, 0.70),
+              _trial("distilled", "convnet", "soft", 0, 0.80), _trial("random", "convnet", "soft", 0, 0.75),
+              dict(_trial("distilled", "convnet", "soft", 0, 0.85), dsa=True),
+              dict(_trial("random", "convnet", "soft", 0, 0.80), dsa=True),
+              _trial("distilled", "mlp", "soft", 0, 0.5)]
+    cols = [("distilled", "hard"), ("distilled", "soft"), ("random", "soft"), ("full", "hard")]
+    out = report.write_reports(tmp_path, trials, archs=["convnet", "mlp"], columns=cols,
+                               config={"evaluate": {"dsa": False}}, seconds=1.0, notes=[])
+    doc = json.loads(out["results_json"].read_text())
+    assert set(doc["scores"]) == {"convnet"}  # nothing computable for mlp
+    s = doc["scores"]["convnet"]
+    assert s["hlr"]["value"] == pytest.approx(0.20)
+    assert s["modes"]["soft"]["ior"] == pytest.approx(0.05)
+    assert s["modes"]["soft"]["lrs"] == pytest.approx(0.238199, abs=1e-6)
+    assert s["ars"]["soft"]["beta"] == pytest.approx(0.05)
+    assert s["ars"]["soft"]["ars"] == pytest.approx(0.290755, abs=1e-6)
+    md = out["md"].read_text()
+    assert "## Honest scores (DD-Ranking)" in md
+    assert "| architecture | HLR | IOR (mode) | LRS | ARS |" in md
+    assert "| convnet | 20.00 | +5.00 (soft) | 23.82 | 29.08 |" in md
+    assert "| mlp |" not in md.split("## Honest scores")[1]
+    assert "(DD-Ranking, arXiv 2505.13300)." in md
+    # the accuracy table keeps to the sweep's setting (no DSA): the dsa=True trials feed ARS only
+    assert "| convnet | 70.00 ± 0.00 (1) | 80.00 ± 0.00 (1) | 75.00 ± 0.00 (1) | 90.00 ± 0.00 (1) |" in md
+    assert len(doc["trials"]) == 7
+
+
+def test_write_reports_without_scores(tmp_path):
+    out = report.write_reports(tmp_path, [_trial("distilled", "mlp", "soft", 0, 0.5)], archs=["mlp"],
+                               columns=[("distilled", "soft")], config={}, seconds=1.0, notes=[])
+    assert json.loads(out["results_json"].read_text())["scores"] == {}
+    assert "Honest scores" not in out["md"].read_text()
+
+
 # ------------------------------------------------------------------ bad inputs, before any compute
 
 def _synset(tmp_path, shape=(1, 8, 8), classes=10, soft=True):

@@ -5,6 +5,10 @@ Aggregation: test accuracy mean ± std over seeds per (source, architecture, mod
 the population std (``numpy.std``), as the dataset-distillation papers report it. With an lr
 search the table shows, per (source, architecture, mode), the lr with the best mean — selected on
 test accuracy, as the field's evaluation scripts do — and names it in the cell.
+
+Where the trials allow it, DD-Ranking's HLR/IOR/LRS/ARS (:mod:`.scores`) follow: a ``scores``
+section per architecture in ``results.json`` and a second table in ``results.md``. Trials marked
+``dsa`` against the sweep's ``evaluate.dsa`` (run for ARS) stay out of the accuracy table.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..io import write_bytes, write_json, write_text
+from .scores import SCORES_NOTE, compute_scores, scores_markdown
 
 CSV_FIELDS = ("source", "arch", "mode", "seed", "lr", "status", "test_acc", "train_loss_first",
               "train_loss_last", "epochs", "seconds", "teacher_acc", "elf_adapted", "key", "experiment",
@@ -147,7 +152,10 @@ def write_reports(out_dir: str | Path, trials: list[dict[str, Any]], *, archs: l
                   title: str = "") -> dict[str, Any]:
     """Write all four reports atomically; returns their paths, the aggregate and the table."""
     out = Path(out_dir)
-    agg = aggregate(trials)
+    # trials without a ``dsa`` field ran under the sweep's evaluate.dsa; the accuracy table shows
+    # that setting only, the other one (run for ARS) enters the scores alone
+    default_dsa = bool((config.get("evaluate") or {}).get("dsa", True))
+    agg = aggregate(t for t in trials if t.get("dsa") is None or bool(t["dsa"]) == default_dsa)
     table = table_markdown(agg, archs, columns, lr_search=lr_search, notes=notes,
                            seconds=seconds_per_trial(trials))
     experiment = (extra or {}).get("experiment")
@@ -156,12 +164,16 @@ def write_reports(out_dir: str | Path, trials: list[dict[str, Any]], *, archs: l
               f"at most {max_concurrent(ran)} at once), {len(trials) - len(ran)} reused from earlier sweeps.\n")
     paths = {"results_json": out / "results.json", "csv": out / "results.csv", "md": out / "results.md",
              "plot": out / "plot.png"}
+    scores = compute_scores(trials, default_dsa=default_dsa)
     write_json(paths["results_json"], {"trials": trials, "aggregate": agg,
                                        "columns": [list(c) for c in columns], "archs": archs,
-                                       "notes": notes, "config": config, "seconds": seconds, **(extra or {})})
+                                       "notes": notes, "config": config, "seconds": seconds,
+                                       "scores": scores, **(extra or {})})
     write_text(paths["csv"], trials_csv(trials))
     heading = (f"# Evaluation{': ' + title if title else ''}\n\nTest accuracy (%), mean ± std (n seeds); "
                f"s/trial: mean wall seconds of one trial (training and test pass).\n\n")
-    write_text(paths["md"], heading + table + "\n" + timing)
+    honest = (f"\n## Honest scores (DD-Ranking)\n\n{scores_markdown(scores, archs)}\n{SCORES_NOTE}\n"
+              if scores else "")
+    write_text(paths["md"], heading + table + "\n" + timing + honest)
     write_bytes(paths["plot"], plot_png(agg, archs, columns, title))
     return {**paths, "aggregate": agg, "table": table}
