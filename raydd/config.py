@@ -100,6 +100,7 @@ class ServiceConfig:
 
 @dataclass
 class DistillConfig:
+    method: str = "apm"                # a method registered in raydd.methods
     ipc: int = 10
     groups: int = 1
     rounds: int = 2500
@@ -141,6 +142,8 @@ class DistillConfig:
         _check(0 <= self.lr_img_decay_at <= 1, f"{key}.lr_img_decay_at", self.lr_img_decay_at,
                "a fraction in [0, 1]")
         _check(self.alpha >= 0, f"{key}.alpha", self.alpha, "a non-negative weight")
+        from .methods import method_class
+        method_class(self.method)
         self.pool.validate(f"{key}.pool")
         self.service.validate(f"{key}.service")
         self.resources.validate(f"{key}.resources")

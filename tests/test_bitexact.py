@@ -79,7 +79,7 @@ def test_teachers_are_bit_exact(teachers):
 
 def test_synset_is_bit_exact_in_process_on_ray_and_after_a_resume(digits, teachers, tmp_path):
     from raydd import distill
-    from raydd.distiller import run_distill
+    from raydd.distillation import run_distill
     cfg = cfg_of(digits)
     local = run_distill(cfg, fresh_run(tmp_path, teachers, "local"), progress=False, backend="local")
     assert synset_sha(local.synset_dir) == SYNSET_SHA
@@ -102,7 +102,7 @@ def test_synset_is_bit_exact_in_process_on_ray_and_after_a_resume(digits, teache
 
 
 def test_zca_synset_is_bit_exact(digits, ray_local, tmp_path):
-    from raydd.distiller import run_distill
+    from raydd.distillation import run_distill
     from raydd.teachers import train_teachers
     cfg = cfg_of(digits, "data.zca=true", "teachers.count=1", "distill.groups=1", "distill.ipc=2")
     train_teachers(cfg, tmp_path, progress=False)
@@ -112,7 +112,8 @@ def test_zca_synset_is_bit_exact(digits, ray_local, tmp_path):
 
 def test_rolled_back_group_is_bit_exact(digits, teachers, tmp_path):
     from raydd.data import load_info
-    from raydd.distiller import DataShape, distill_group, initial_images, plan_groups
+    from raydd.distillation import DataShape, distill_group, initial_images, plan_groups
+    from raydd.methods import Services
     from raydd.services import LocalService
     from raydd.teachers import load_teachers
 
@@ -127,7 +128,7 @@ def test_rolled_back_group_is_bit_exact(digits, teachers, tmp_path):
     cfg = cfg_of(digits, "distill.groups=1", "distill.ipc=2")
     plan = plan_groups(cfg, tmp_path)[0]
     init = initial_images(cfg, load_info(digits), [plan])[0]
-    out = distill_group(cfg, plan, init, Flaky(load_teachers(teachers)[0]), DataShape(1, 10, 8))
+    out = distill_group(cfg, plan, init, Services(Flaky(load_teachers(teachers)[0])), DataShape(1, 10, 8))
     assert out["rollbacks"] == 1
     assert digest({"images": out["images"], "labels": out["labels"],
                    "final": load_tensors(plan.final_path)["images"]}) == ROLLBACK_SHA
