@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from raydd.augment import DSA, OPS, ZCA, validate_strategy
+from raydd.augment import DSA, OPS, validate_strategy
+from raydd.data.zca import ZCA
 from raydd.errors import ConfigError, RayddError
 from raydd.io import load_tensors, save_tensors
 

@@ -119,7 +119,7 @@ def run_distill(cfg: Config, run_dir: str | Path, *, progress: ProgressArg = Tru
         return done
 
     from ..data import load_info
-    from ..teachers import ensure_zca
+    from ..data.zca import ensure_zca
     info = load_info(cfg.data.dir)
     shape = DataShape(info.in_channels, info.num_classes, info.image_size)
     models, records = _load_teachers(cfg, run_dir, info)
