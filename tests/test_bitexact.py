@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from raydd.config import RayConfig, load_config
+from raydd.config import load_config
 from raydd.io import load_tensors
 from raydd.synset import load_synset
 
@@ -44,16 +44,6 @@ def synset_sha(directory) -> str:
 
 def cfg_of(digits, *extra):
     return load_config("configs/digits.yaml", [f"data.dir={digits}", *OVERRIDES, *extra])
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from raydd.raycluster import init_ray
-    init_ray(RayConfig(num_cpus=2))
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

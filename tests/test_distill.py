@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from raydd.config import RayConfig, from_dict, load_config
+from raydd.config import from_dict, load_config
 from raydd.distillation import (GROUP_SEED_STRIDE, MAX_ROLLBACKS, DataShape, distill_group, initial_images,
                                 plan_groups, run_distill, service_name, soft_labels, split_ipc)
 from raydd.errors import ConfigError, RayddError
@@ -34,16 +34,6 @@ DISTILL = {"ipc": 3, "groups": 2, "rounds": 6, "student_epochs": 4, "checkpoints
 def config(digits, **distill):
     return from_dict({"data": {**DATA, "dir": digits}, "device": "cpu", "teachers": TEACHERS,
                       "distill": {**DISTILL, **distill}})
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from raydd.raycluster import init_ray
-    init_ray(RayConfig(num_cpus=2))
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
