@@ -1,4 +1,4 @@
-"""Differentiable siamese augmentation (DSA) and ZCA whitening, in plain PyTorch.
+"""Differentiable siamese augmentation (DSA), in plain PyTorch.
 
 DSA follows ParamDiffAug of the DSA/APM code in its 'single' mode: every call picks ONE op of the
 strategy at random. Like the reference's ``DiffAugment`` called without a seed, which is how APM's
@@ -9,13 +9,11 @@ independently of the batch size, so a real and a synthetic batch augmented by tw
 with equally seeded generators (or by ``apply`` with one ``draw``) see the same transform.
 Gradients flow back to the pixels. Images are in normalised space; pixels moved in from outside
 the frame are 0, i.e. the dataset mean, exactly as in the reference code.
-
-ZCA is kornia's ``ZCAWhitening(eps=0.1, compute_inv=True)`` as used by MTT/APM on CIFAR.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -216,63 +214,3 @@ class DSA:
 
     def __repr__(self) -> str:
         return f"DSA({self.strategy!r}{', shared=True' if self.shared else ''})"
-
-
-class ZCA:
-    """ZCA whitening fitted on flattened real training images (kornia's formulation).
-
-    ``T = U diag((S + reg)^-1/2) Uᵀ`` from the unbiased covariance ``U S Uᵀ``;
-    ``transform(x) = (x - mean) T`` and ``inverse(y) = y T⁻¹ + mean``.
-    """
-
-    KEYS = ("zca_mean", "zca_matrix", "zca_inverse")
-
-    def __init__(self, mean: torch.Tensor, matrix: torch.Tensor, inverse_matrix: torch.Tensor):
-        self.mean, self.matrix, self.inverse_matrix = mean, matrix, inverse_matrix
-
-    @classmethod
-    def fit(cls, x: torch.Tensor | Iterable[torch.Tensor], reg: float = 0.1) -> "ZCA":
-        """Fit on an N×C×H×W tensor, or an iterable of such batches (accumulated in float64)."""
-        batches = [x] if isinstance(x, torch.Tensor) else x
-        n, total, gram = 0, None, None
-        for b in batches:
-            f = b.reshape(b.shape[0], -1).to(torch.float64)
-            if total is None:
-                total, gram = f.sum(0), f.T @ f
-            else:
-                total += f.sum(0)
-                gram += f.T @ f
-            n += f.shape[0]
-        if n < 2:
-            raise ValueError("ZCA needs at least two images to fit")
-        mean = total / n
-        cov = (gram - n * torch.outer(mean, mean)) / (n - 1)
-        s, u = torch.linalg.eigh(cov)
-        s = s.clamp_min(0.0)
-        matrix = (u * torch.rsqrt(s + reg)) @ u.T
-        inverse = (u * torch.sqrt(s + reg)) @ u.T
-        return cls(mean.float(), matrix.float(), inverse.float())
-
-    def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        if x[0].numel() != self.mean.numel():
-            raise RayddError(f"ZCA was fitted on images of {self.mean.numel()} values, "
-                             f"got images of shape {tuple(x.shape[1:])}")
-        return x.reshape(x.shape[0], -1)
-
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        m, t = self.mean.to(x.device, x.dtype), self.matrix.to(x.device, x.dtype)
-        return ((self._flat(x) - m) @ t).reshape(x.shape)
-
-    def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        m, t = self.mean.to(x.device, x.dtype), self.inverse_matrix.to(x.device, x.dtype)
-        return (self._flat(x) @ t + m).reshape(x.shape)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.KEYS, (self.mean, self.matrix, self.inverse_matrix)))
-
-    @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "ZCA":
-        missing = [k for k in cls.KEYS if k not in state]
-        if missing:
-            raise RayddError(f"ZCA state lacks {', '.join(missing)}")
-        return cls(*(state[k] for k in cls.KEYS))

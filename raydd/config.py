@@ -107,6 +107,7 @@ class ServiceConfig:
 
 @dataclass
 class DistillConfig:
+    method: str = "apm"                # a method registered in raydd.methods
     ipc: int = 10
     groups: int = 1
     rounds: int = 2500
@@ -149,6 +150,8 @@ class DistillConfig:
                "a fraction in [0, 1]")
         _check(self.alpha >= 0, f"{key}.alpha", self.alpha, "a non-negative weight")
         _sgd(self, key, "momentum_img")
+        from .methods import method_class
+        method_class(self.method)
         self.pool.validate(f"{key}.pool")
         self.service.validate(f"{key}.service")
         self.resources.validate(f"{key}.resources")

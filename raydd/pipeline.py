@@ -49,7 +49,7 @@ def stage_teachers(cfg: Config, run_dir: Path) -> list[dict]:
 
 def stage_distill(cfg: Config, run_dir: Path):
     ensure_data(cfg)
-    from .distiller import run_distill
+    from .distillation import run_distill
     result = run_distill(cfg, run_dir)
     print(f"[distill] synset: {result.synset_dir} (grid: {result.grid_path})", flush=True)
     return result

@@ -39,13 +39,26 @@ def claim(cfg: Config, run_dir: Path, stage: str) -> None:
     saved_path = run_dir / "config.yaml"
     new = cfg.to_dict()
     if saved_path.exists():
-        old = yaml.safe_load(saved_path.read_text()) or {}
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        old = _with_defaults(saved, Config().to_dict())
         used = {s for s, outs in SECTION_OUTPUTS.items() if any((run_dir / o).exists() for o in outs)}
         checked = sorted(used & set(STAGE_SECTIONS[stage]))
         a, b = ({k: v for s in checked for k, v in flatten(d.get(s, {}), s).items() if not _ignored(k)}
                 for d in (old, new))
         refuse_mismatch(a, b, f"{run_dir} holds a run of another config")
         for section in used - set(STAGE_SECTIONS[stage]):
-            if section in old:
-                new[section] = old[section]
+            if section in saved:
+                new[section] = saved[section]
     write_text(saved_path, yaml.safe_dump(new, sort_keys=False))
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """A setting added to the config after the run was saved reads as its default (a missing
+    section stays missing)."""
+    out = dict(saved)
+    for k, v in defaults.items():
+        if k not in out and not isinstance(v, dict):
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _with_defaults(out[k], v)
+    return out

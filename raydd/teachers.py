@@ -19,22 +19,17 @@ from typing import Any, Callable
 
 import torch
 
-from .augment import DSA, ZCA
+from .augment import DSA
 from .config import Config
 from .errors import ConfigError, RayddError
+from .data.zca import ZCA, ensure_zca
 from .io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from .train import accuracy, resolve_device, set_threads, train_classifier
 
 TEACHERS_DIR = "teachers"
 INDEX = "teachers.json"
-ZCA_FILE = "zca.safetensors"
-ZCA_INDEX = "zca.json"
-ZCA_REG = 0.1
 IN_MEMORY_BYTES = 4 << 30   # larger training splits are streamed from the shards every epoch
 TEST_BATCH = 1024
-# Test hook: when $RAYDD_TEACHER_FAULT_DIR/teacher-NNN.crash exists, the task for teacher NNN
-# deletes it and kills its own worker process, so that the retry path runs for real.
-FAULT_ENV = "RAYDD_TEACHER_FAULT_DIR"
 
 
 @dataclass(frozen=True)
@@ -107,48 +102,12 @@ def train_one_teacher(spec: str, info, seed: int, recipe: Recipe, *, zca: ZCA | 
     return state, acc
 
 
-# ---------------------------------------------------------------------------- ZCA of a run
-
-def ensure_zca(cfg: Config, run_dir: str | os.PathLike, info=None) -> ZCA | None:
-    """The run's ZCA (``RUN/zca.safetensors``) when ``data.zca`` is on: loaded, or fitted once on
-    the real training split and saved, so teachers, distillation and evaluation share it."""
-    if not cfg.data.zca:
-        return None
-    from .data import batches, load_info
-    info = load_info(info or cfg.data.dir)
-    run_dir = Path(run_dir)
-    meta = {"classes": info.classes, "shape": list(info.shape), "reg": ZCA_REG}
-    index = run_dir / ZCA_INDEX
-    if index.exists():
-        rec = read_json(index)
-        if {k: rec.get(k) for k in meta} == meta:
-            return ZCA.from_state(load_tensors(run_dir / ZCA_FILE, sha256=rec.get("sha256")))
-    zca = ZCA.fit((x for x, _ in batches(info, "train", 4096, verify=cfg.data.verify,
-                                         on_corrupt=cfg.data.on_corrupt)), reg=ZCA_REG)
-    sha = save_tensors(run_dir / ZCA_FILE, zca.state_dict())
-    write_json(index, {**meta, "file": ZCA_FILE, "sha256": sha})
-    return zca
-
-
 # ---------------------------------------------------------------------------- Ray orchestration
-
-def _inject_fault(index: int) -> None:
-    fault_dir = os.environ.get(FAULT_ENV)
-    if not fault_dir:
-        return
-    marker = Path(fault_dir) / f"{teacher_name(index)}.crash"
-    try:
-        marker.unlink()
-    except FileNotFoundError:
-        return
-    os._exit(1)
-
 
 def _teacher_task(index: int, spec: str, seed: int, recipe: dict, data_dir: str, read: dict,
                   device: str, threads: int, zca_state: dict | None, tracker) -> Any:
     """One Ray task. User errors come back as a string, because retrying them cannot help."""
     set_threads(threads)
-    _inject_fault(index)
     from .data import load_info
     start, cpu_start = time.time(), time.process_time()
     try:

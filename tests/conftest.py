@@ -19,3 +19,15 @@ def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     prepare("digits", out, workers=1)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray of 2 CPUs for one test module (modules that need a special one define their own)."""
+    import ray
+
+    from raydd.config import RayConfig
+    from raydd.raycluster import init_ray
+    init_ray(RayConfig(num_cpus=2))
+    yield
+    ray.shutdown()

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import raydd.models
-from raydd.apm import (APMGroup, NonFiniteImages, checkpoint_epochs, image_loss_and_grad,
-                       init_images, train_student)
+from raydd.distillation.init import init_images
+from raydd.methods import Services
+from raydd.methods.apm import APMGroup, NonFiniteImages, checkpoint_epochs, image_loss_and_grad, train_student
 from raydd.config import DistillConfig, PoolConfig
 from raydd.errors import DataError
 from raydd.io import load_tensors, save_tensors
-from raydd.pool import sample_student_spec
+from raydd.methods.pool import sample_student_spec
 from raydd.services import LocalService
 
 torch.set_num_threads(1)
@@ -175,7 +176,7 @@ def test_student_trains_on_augmented_images_against_unaugmented_targets():
     cfg = DistillConfig(ipc=1, rounds=2, student_epochs=3, checkpoints=1, student_batch=4, dsa=True)
     group = APMGroup(cfg, u, torch.zeros(10, dtype=torch.long), student_spec="tiny", in_channels=1,
                      num_classes=3, image_size=8, seed=0, dsa=dsa, build_model=student_net)
-    group.step(Recording(svc.models))
+    group.step(Services(Recording(svc.models)))
     assert len(seen) == 3 * 3  # 3 epochs × ceil(10/4) inner batches
 
 
@@ -203,7 +204,7 @@ def test_refresh_period_honoured():
     svc = service()
     refreshed, ckpt_ids = [], []
     for _ in range(8):
-        out = group.step(svc)
+        out = group.step(Services(svc))
         refreshed.append(out["refreshed"])
         ckpt_ids.append(id(group.checkpoints))
     assert [r for r, f in enumerate(refreshed) if f] == [0, 3, 6]
@@ -218,12 +219,12 @@ def test_image_step_is_sgd_with_momentum_and_decay():
     group = make_group(cfg)
     svc = service()
     u0 = group.images.clone()
-    group.step(svc)
+    group.step(Services(svc))
     _, g0 = image_loss_and_grad(u0, group.labels, group.student, group.checkpoints, svc, group.teacher,
                                 distance=cfg.distance, objective=cfg.objective, alpha=cfg.alpha)
     assert torch.allclose(group.images, u0 - 0.5 * g0, atol=1e-6)
     u1 = group.images.clone()
-    group.step(svc)  # round 1 >= 0.5 * 2 rounds: decayed lr, same student
+    group.step(Services(svc))  # round 1 >= 0.5 * 2 rounds: decayed lr, same student
     _, g1 = image_loss_and_grad(u1, group.labels, group.student, group.checkpoints, svc, group.teacher,
                                 distance=cfg.distance, objective=cfg.objective, alpha=cfg.alpha)
     assert torch.allclose(group.images, u1 - 0.15 * (0.5 * g0 + g1), atol=1e-6)
@@ -236,7 +237,7 @@ def test_segment_size_does_not_change_the_update(batch_size):
     for seg in (1, 7, None):
         group = make_group(small_cfg(segment=seg, batch_size=batch_size), seed=4)
         for _ in range(4):
-            group.step(svc)
+            group.step(Services(svc))
         finals.append(group.images)
     assert not torch.equal(finals[0], make_group(small_cfg(), seed=4).images)
     for f in finals[1:]:
@@ -246,7 +247,7 @@ def test_segment_size_does_not_change_the_update(batch_size):
 def test_minibatch_updates_only_its_images():
     group = make_group(small_cfg(batch_size=5))
     before = group.images.clone()
-    group.step(service())
+    group.step(Services(service()))
     changed = (group.images != before).flatten(1).any(1)
     assert int(changed.sum()) == 5
 
@@ -255,15 +256,15 @@ def test_resume_from_state_dict_is_exact(tmp_path):
     svc = service()
     straight = make_group(small_cfg(batch_size=12), seed=7)
     for _ in range(6):
-        straight.step(svc)
+        straight.step(Services(svc))
     first = make_group(small_cfg(batch_size=12), seed=7)
     for _ in range(2):  # stop mid refresh period: the student of round 0 is still in use
-        first.step(svc)
+        first.step(Services(svc))
     save_tensors(tmp_path / "group.safetensors", first.state_dict())
     resumed = make_group(small_cfg(batch_size=12), seed=99)  # wrong seed: the state must override it
     resumed.load_state_dict(load_tensors(tmp_path / "group.safetensors"))
     assert resumed.round == 2
-    outs = [resumed.step(svc) for _ in range(4)]
+    outs = [resumed.step(Services(svc)) for _ in range(4)]
     assert [o["refreshed"] for o in outs] == [False, True, False, False]
     assert torch.equal(resumed.images, straight.images)
 
@@ -276,7 +277,7 @@ def test_non_finite_gradient_raises_and_leaves_images():
     group = make_group(small_cfg())
     before = group.images.clone()
     with pytest.raises(NonFiniteImages):
-        group.step(Broken(service().models))
+        group.step(Services(Broken(service().models)))
     assert torch.equal(group.images, before)
 
 
@@ -328,6 +329,6 @@ def test_group_with_the_model_zoo_dsa_and_pool():
     u, y = data(12)
     group = APMGroup(cfg, u, y, student_spec=spec, in_channels=1, num_classes=3, image_size=8, seed=0,
                      dsa=DSA("color_crop_cutout_scale_rotate"))
-    specs = [group.step(svc)["student_spec"] for _ in range(4)]
+    specs = [group.step(Services(svc))["student_spec"] for _ in range(4)]
     assert all(s != spec and s.startswith("convnet:") for s in specs)
     assert torch.isfinite(group.images).all() and not torch.equal(group.images, u)

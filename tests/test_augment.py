@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from raydd.augment import DSA, OPS, ZCA, crop_shift, cutout_size, validate_strategy
+from raydd.augment import DSA, OPS, crop_shift, cutout_size, validate_strategy
+from raydd.data.zca import ZCA
 from raydd.errors import ConfigError, RayddError
 from raydd.io import load_tensors, save_tensors
 

@@ -13,11 +13,12 @@ import time
 import pytest
 import torch
 
-from raydd.config import RayConfig, from_dict, load_config
-from raydd.distiller import (GROUP_SEED_STRIDE, MAX_ROLLBACKS, DataShape, distill_group, initial_images,
-                             plan_groups, run_distill, service_name, soft_labels, split_ipc)
+from raydd.config import from_dict, load_config
+from raydd.distillation import (GROUP_SEED_STRIDE, MAX_ROLLBACKS, DataShape, distill_group, initial_images,
+                                plan_groups, run_distill, service_name, soft_labels, split_ipc)
 from raydd.errors import ConfigError, RayddError
 from raydd.io import load_tensors, read_json, sha256_file, write_json
+from raydd.methods import Services
 from raydd.services import LocalService
 from raydd.synset import load_synset
 
@@ -33,16 +34,6 @@ DISTILL = {"ipc": 3, "groups": 2, "rounds": 6, "student_epochs": 4, "checkpoints
 def config(digits, **distill):
     return from_dict({"data": {**DATA, "dir": digits}, "device": "cpu", "teachers": TEACHERS,
                       "distill": {**DISTILL, **distill}})
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from raydd.raycluster import init_ray
-    init_ray(RayConfig(num_cpus=2))
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +146,8 @@ def _group_setup(digits, teachers, tmp_path):
 def test_nonfinite_images_roll_back_to_checkpoint(digits, teachers, tmp_path):
     cfg, plan, init, models, shape = _group_setup(digits, teachers, tmp_path)
     events = []
-    out = distill_group(cfg, plan, init, FlakyService(models, lambda n: n == 4), shape, report=events.append)
+    out = distill_group(cfg, plan, init, Services(FlakyService(models, lambda n: n == 4)), shape,
+                        report=events.append)
     p = read_json(plan.progress_path)
     # One call per round (segment = whole group): round 4 failed, back to the round-2 checkpoint.
     assert p["rollbacks"] == 1 and p["rollback_log"] == [{"failed": 4, "to": 2}]
@@ -167,7 +159,7 @@ def test_nonfinite_images_roll_back_to_checkpoint(digits, teachers, tmp_path):
 def test_persistent_nonfinite_images_fail_clearly(digits, teachers, tmp_path):
     cfg, plan, init, models, shape = _group_setup(digits, teachers, tmp_path)
     with pytest.raises(RayddError, match=f"non-finite {MAX_ROLLBACKS} times after its checkpoint at round 2"):
-        distill_group(cfg, plan, init, FlakyService(models, lambda n: n >= 3), shape)
+        distill_group(cfg, plan, init, Services(FlakyService(models, lambda n: n >= 3)), shape)
     state = load_tensors(plan.state_path)            # the last good checkpoint is kept
     assert int(state["round"]) == 2 and torch.isfinite(state["images"]).all()
     assert not plan.final_path.exists() and read_json(plan.progress_path)["rollbacks"] == MAX_ROLLBACKS - 1

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from raydd.config import EvalConfig
 from raydd.errors import ConfigError, RayddError
-from raydd.evaluate.protocol import (ElfNet, elf_distance, evaluate_once, extract_features, front_shape,
-                                     kd_loss, kl_teacher_student, soft_l1)
+from raydd.evaluate.elf import ElfNet, elf_distance, extract_features, front_shape
+from raydd.evaluate.protocol import evaluate_once, kd_loss, kl_teacher_student, soft_l1
 from raydd.models import build
 from raydd.synset import Synset
 

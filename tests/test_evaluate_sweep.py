@@ -1,6 +1,8 @@
 """Evaluation sweeps through Ray Tune on tiny digits: aggregate vs trials, resume, the notebook API."""
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +19,36 @@ from raydd.synset import Synset, save_synset  # noqa: E402
 ARCHS = ["convnet:width=8", "mlp"]
 
 
+def fail_while_armed(spec_file):
+    """A worker setup hook: while SPEC_FILE holds ``SUBSTRING@MARKER``, trials whose label contains
+    SUBSTRING raise until the file MARKER exists (a crashed sweep)."""
+    def hook():
+        import importlib
+        sweep_module = importlib.import_module("raydd.evaluate.sweep")
+        trainable = sweep_module.eval_trainable
+
+        def failing(config):
+            spec = Path(spec_file)
+            if spec.exists():
+                needle, _, marker = spec.read_text().partition("@")
+                if needle in config["trial"] and not Path(marker).exists():
+                    raise RuntimeError(f"trial {config['trial']} fails until {marker} exists")
+            return trainable(config)
+        sweep_module.eval_trainable = failing
+    return hook
+
+
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def fail_spec(tmp_path_factory):
+    return tmp_path_factory.mktemp("hook") / "fail"
+
+
+@pytest.fixture(scope="module")
+def ray_local(fail_spec):
+    # The hook runs in every worker before its first trial; this module is not importable there.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": fail_while_armed(str(fail_spec))})
     yield
     ray.shutdown()
 
@@ -50,10 +79,17 @@ def _cfg(root, **evaluate):
                       "evaluate": ev})
 
 
-def test_sweep_reports_and_resumes_without_rerunning_finished_trials(run, monkeypatch, capsys):
+@pytest.fixture
+def fail_trials(fail_spec):
+    """``fail_trials(SUBSTRING, MARKER)``: those trials crash until MARKER exists (for one test)."""
+    yield lambda needle, marker: fail_spec.write_text(f"{needle}@{marker}")
+    fail_spec.unlink(missing_ok=True)
+
+
+def test_sweep_reports_and_resumes_without_rerunning_finished_trials(run, fail_trials, capsys):
     root, cfg = run
     marker = root / "let-it-pass"
-    monkeypatch.setenv("RAYDD_TEST_FAIL", f"random/hard mlp s1@{marker}")  # this trial crashes
+    fail_trials("random/hard mlp s1", marker)  # this trial crashes
     with pytest.raises(RayddError, match=r"1 of 12 evaluation trials did not finish .*random/hard mlp s1.*rerun"):
         run_evaluation(cfg, root / "run", progress=True)
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[evaluate] ") and "trials (" in l]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import raydd.models
-from raydd.apm import image_loss_and_grad, train_student
+from raydd.methods.apm import image_loss_and_grad, train_student
 from raydd.config import Resources
 from raydd.errors import RayddError
 from raydd.io import load_tensors, save_tensors

@@ -1,13 +1,15 @@
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from raydd.config import RayConfig, from_dict
+from raydd.data.zca import ensure_zca
 from raydd.errors import ConfigError, RayddError
-from raydd.teachers import (FAULT_ENV, Recipe, ensure_zca, load_teachers, train_one_teacher,
-                            train_teachers)
+from raydd.teachers import Recipe, load_teachers, train_one_teacher, train_teachers
 
 pytestmark = pytest.mark.ray
 
@@ -20,18 +22,35 @@ def fault_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("faults")
 
 
+def crash_on_marker(fault_dir):
+    """A worker setup hook: while FAULT_DIR/teacher-NNN.crash exists, the task for teacher NNN
+    deletes it and kills its own worker process, so that the retry path runs for real."""
+    def hook():
+        import raydd.teachers as teachers
+        task = teachers._teacher_task
+
+        def crashing(index, *args, **kwargs):
+            try:
+                (Path(fault_dir) / f"teacher-{index:03d}.crash").unlink()
+            except FileNotFoundError:
+                return task(index, *args, **kwargs)
+            os._exit(1)
+        teachers._teacher_task = crashing
+    return hook
+
+
 @pytest.fixture(scope="module")
 def ray_local(fault_dir):
     import ray
 
     from raydd.raycluster import init_ray
-    # Workers inherit the driver's environment, so the fault hook must be armed before Ray starts.
-    os.environ[FAULT_ENV] = str(fault_dir)
-    init_ray(RayConfig(num_cpus=2))
-    init_ray(RayConfig(num_cpus=2))  # idempotent
+    # The hook runs in every worker before its first task; this module is not importable there.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": crash_on_marker(str(fault_dir))})
+    init_ray(RayConfig(num_cpus=2))  # joins the running instance: a no-op
     yield
     ray.shutdown()
-    del os.environ[FAULT_ENV]
 
 
 def config(digits, **teachers):

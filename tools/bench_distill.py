@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from raydd.config import Config, RayConfig, load_config
-from raydd.distiller import DataShape, initial_images, plan_groups
+from raydd.distillation import DataShape, build_method, initial_images, plan_groups
+from raydd.methods import Services
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 
@@ -53,23 +54,20 @@ def config(args: argparse.Namespace) -> Config:
 
 
 def group(cfg: Config, info, seed: int, init):
-    from raydd.apm import APMGroup
-    from raydd.augment import DSA
-    return APMGroup(cfg.distill, init[0], init[1], student_spec=cfg.distill.arch or cfg.teachers.arch,
-                    in_channels=info.in_channels, num_classes=info.num_classes, image_size=info.image_size,
-                    seed=seed, dsa=DSA(cfg.data.dsa_strategy) if cfg.distill.dsa else None)
+    return build_method(cfg, init, seed, DataShape(info.in_channels, info.num_classes, info.image_size))
 
 
 def timed_rounds(g, service, rounds: int, ready=None) -> dict:
     """One warm-up round (imports, first student), then ``rounds`` timed ones.
 
     ``ready``: called after the warm-up; it returns when every parallel group is warm."""
-    g.step(service)
+    services = Services(service)
+    g.step(services)
     if ready is not None:
         ready()
     stats, t0 = [], time.time()
     for _ in range(rounds):
-        stats.append(g.step(service))
+        stats.append(g.step(services))
     t1 = time.time()
     split = {k: sum(s["seconds"][k] for s in stats) / rounds for k in ("student", "image", "service")}
     return {"start": t0, "end": t1, "rounds": rounds, "rate": rounds / (t1 - t0), "split": split,
@@ -120,7 +118,7 @@ def student_flops(cfg: Config, info, init, service) -> int:
     """FLOPs (convolutions and matmuls, forward + backward) of one student refresh."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from raydd.apm import train_student
+    from raydd.methods.apm import train_student
     from raydd.augment import DSA
     from raydd.models import build
     torch.manual_seed(0)
@@ -155,10 +153,10 @@ def probe_memory(args: argparse.Namespace) -> None:
     service = LocalService(load_teachers(args.out)[0])
     plan = plan_groups(cfg, args.out)[0]
     g = group(cfg, info, plan.seed, initial_images(cfg, info, [plan])[plan.index])
-    g.step(service)                                   # round 0 trains the student
+    g.step(Services(service))                         # round 0 trains the student
     Path("/proc/self/clear_refs").write_text("5")     # reset the peak (VmHWM) to the current RSS
     base = _status_kb("VmRSS")
-    stats = g.step(service)                           # an image update without a refresh
+    stats = g.step(Services(service))                 # an image update without a refresh
     print(json.dumps({"peak_mb": (_status_kb("VmHWM") - base) / 1024, "refreshed": stats["refreshed"],
                       "images": len(g.images)}))
 

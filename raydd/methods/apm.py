@@ -1,9 +1,9 @@
 """APM: dataset distillation via adversarial prediction matching (paper 003), plain PyTorch.
 
 Against Algorithm 1 of the paper:
-  line 1      ``init_images``: real images of each class (or noise).
+  line 1      ``raydd.distillation.init``: real images of each class (or noise).
   line 3      ``APMGroup._refresh``: a teacher drawn uniformly, a fresh student θ₀ ~ p(θ) whose
-              architecture comes from the model pool (``raydd.pool``).
+              architecture comes from the model pool (``raydd.methods.pool``).
   line 4      ``APMGroup.step``: a mini-batch of B images.
   lines 5-9   ``train_student``: E epochs on the teacher's logits, K checkpoints.
   line 10     ``image_loss_and_grad``: Eq. 4 over the K checkpoints.
@@ -11,10 +11,10 @@ Against Algorithm 1 of the paper:
 As the official code does, a student is reused for ``refresh_every`` rounds, the image step is
 SGD with momentum and one learning-rate decay, and the student sees DSA-augmented images.
 
-Teachers are reached only through a *service* (``raydd.services``): ``logits(x, model)`` and
-``input_grad(x, grad_logits, model)``, the vector-Jacobian product through the frozen teacher.
-So a worker never holds a teacher, and the teacher runs forward once per segment however many
-checkpoints there are.
+Teachers are reached only through the teacher *service* (``Services.teachers``):
+``logits(x, model)`` and ``input_grad(x, grad_logits, model)``, the vector-Jacobian product
+through the frozen teacher. So a worker never holds a teacher, and the teacher runs forward once
+per segment however many checkpoints there are.
 
 ZCA: with ``data.zca`` on, the images given to :class:`APMGroup` are already whitened and the
 teachers were trained on whitened data; nothing here depends on which space the images live in.
@@ -24,50 +24,19 @@ from __future__ import annotations
 import math
 import time
 from functools import partial
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .config import DistillConfig
-from .errors import ConfigError, DataError, RayddError
+from ..config import DistillConfig
+from ..errors import ConfigError, RayddError
+from .base import Method, NonFiniteImages, Service, Services, Setup, register_method
 from .pool import sample_student_spec
 
 StateDict = dict[str, Tensor]
-
-
-class Service(Protocol):
-    num_models: int
-
-    def logits(self, x: Tensor, model: int) -> Tensor: ...
-
-    def input_grad(self, x: Tensor, grad_logits: Tensor, model: int) -> Tensor: ...
-
-
-class NonFiniteImages(RayddError):
-    """The image gradient or the images became NaN/inf; images and momentum were left untouched."""
-
-
-def init_images(real_x: Tensor, real_y: Tensor, ipc: int, mode: str = "real",
-                generator: torch.Generator | None = None,
-                num_classes: int | None = None) -> tuple[Tensor, Tensor]:
-    """``ipc`` images per class sorted by class: random real ones of that class, or N(0, 1) noise
-    (the normalised space has unit variance per channel)."""
-    classes = num_classes if num_classes is not None else int(real_y.max()) + 1
-    labels = torch.arange(classes).repeat_interleave(ipc)
-    if mode == "noise":
-        return torch.randn((len(labels), *real_x.shape[1:]), generator=generator), labels
-    if mode != "real":
-        raise ConfigError(f"distill.init: {mode!r} is invalid; expected 'real' or 'noise'")
-    picks = []
-    for c in range(classes):
-        pool = (real_y == c).nonzero().flatten()
-        if len(pool) < ipc:
-            raise DataError(f"class {c} has {len(pool)} real images; initialisation needs ipc={ipc}")
-        picks.append(pool[torch.randperm(len(pool), generator=generator)[:ipc]])
-    return real_x[torch.cat(picks)].detach().clone().float(), labels
 
 
 def checkpoint_epochs(epochs: int, k: int) -> list[int]:
@@ -171,11 +140,12 @@ class _Timed:
 
 
 def _build_default(spec: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    from .models import build
+    from ..models import build
     return build(spec, in_channels, num_classes, image_size)
 
 
-class APMGroup:
+@register_method("apm")
+class APMGroup(Method):
     """One group of synthetic images and everything needed to continue distilling it exactly.
 
     All randomness (mini-batches, teacher, pool, student init, DSA) comes from one
@@ -200,6 +170,17 @@ class APMGroup:
         self.teacher = -1
         self.checkpoints: list[StateDict] = []
 
+    @classmethod
+    def create(cls, cfg: DistillConfig, images: Tensor, labels: Tensor, *, seed: int,
+               setup: Setup) -> "APMGroup":
+        from ..augment import DSA
+        return cls(cfg, images, labels, student_spec=setup.arch, in_channels=setup.in_channels,
+                   num_classes=setup.num_classes, image_size=setup.image_size, seed=seed,
+                   dsa=DSA(setup.dsa_strategy) if setup.dsa_strategy else None)
+
+    def reseed(self, seed: int) -> None:
+        self.gen.manual_seed(seed)
+
     @property
     def images(self) -> Tensor:
         return self.u
@@ -208,9 +189,9 @@ class APMGroup:
     def labels(self) -> Tensor:
         return self.y
 
-    def step(self, service: Service) -> dict:
+    def step(self, services: Services) -> dict:
         """One round: refresh the student when due, then one image step on a mini-batch."""
-        cfg, timed = self.cfg, _Timed(service)
+        cfg, timed = self.cfg, _Timed(services.teachers)
         n = len(self.u)
         b = min(cfg.batch_size or n, n)
         idx = (torch.randperm(n, generator=self.gen)[:b] if b < n else torch.arange(n)).to(self.u.device)

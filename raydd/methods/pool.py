@@ -10,14 +10,14 @@ import random
 
 import torch
 
-from .config import PoolConfig
+from ..config import PoolConfig
 
 
 def sample_student_spec(main_spec: str, pool_cfg: PoolConfig, rng: random.Random | torch.Generator) -> str:
     """Draw the architecture of the next fresh student."""
     if _uniform(rng) < pool_cfg.p_main:
         return main_spec
-    from . import models  # imported late: the pool is optional and models import timm
+    from .. import models  # imported late: the pool is optional and models import timm
 
     return models.variant(main_spec,
                           activation=_choice(pool_cfg.activations, rng),

@@ -1,0 +1,252 @@
+"""Distillation on Ray: one task per group against a shared teacher-service actor, the progress
+board, retries, and the aggregator at the end; or the same groups in-process (no Ray).
+
+Workers write their checkpoints into RUN themselves, so on a multi-node cluster RUN must be on
+storage every node sees; the finished images also come back with the task's result and the
+driver writes them, so only resuming a killed worker on another node needs the shared storage.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..errors import ConfigError, RayddError
+from ..io import read_json, sha256_file, write_json
+from ..methods import Services
+from ..rundir import claim
+from ..synset import MANIFEST, TENSOR_FILE
+from .aggregate import aggregate
+from .init import initial_images
+from .plan import DataShape, GroupPlan, fingerprint, plan_groups, service_name
+from .view import LiveView, ProgressArg
+from .worker import distill_group, save_final
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    synset_dir: Path
+    synset_path: Path
+    manifest_path: Path
+    grid_path: Path | None
+    groups: list[dict[str, Any]]
+    seconds: float
+
+
+def _group_task(cfg: Config, plan: GroupPlan, init: tuple[torch.Tensor, torch.Tensor], service_handle: Any,
+                board: Any, shape: DataShape, device: str) -> dict[str, Any]:
+    """The Ray task around :func:`distill_group`; a retried attempt resumes from the checkpoint."""
+    import ray
+
+    from ..services import RayService
+    from ..train import set_threads
+
+    set_threads(cfg.distill.resources.cpus)
+
+    def report(msg: dict[str, Any]) -> None:
+        try:
+            board.put.remote(msg)      # fire and forget: progress must never stall distillation
+        except Exception:
+            pass
+
+    return distill_group(cfg, plan, init, Services(teachers=RayService(service_handle)), shape, report=report,
+                         device=device, node=ray.get_runtime_context().get_node_id())
+
+
+class _Board:
+    """Collects progress messages from all workers until the driver takes them."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    def put(self, msg: dict[str, Any]) -> None:
+        self.messages.append(msg)
+
+    def take(self) -> list[dict[str, Any]]:
+        out, self.messages = self.messages, []
+        return out
+
+
+def _load_teachers(cfg: Config, run_dir: Path, info: Any) -> tuple[list[torch.nn.Module], list[dict]]:
+    """Load and vet the teacher pool before any worker starts: checksums, shape, architecture."""
+    from ..models import build
+    from ..teachers import load_teachers
+    models, records = load_teachers(run_dir, expect_classes=info.num_classes, expect_shape=tuple(info.shape))
+    want = build(cfg.teachers.arch, info.in_channels, info.num_classes, info.image_size).spec
+    for rec in records:
+        if rec.get("spec") != want:
+            raise RayddError(f"teacher {rec.get('file')} is {rec.get('spec')!r} but teachers.arch is "
+                             f"{cfg.teachers.arch!r} ({want!r}); retrain the teachers or fix the config")
+    return models, records
+
+
+def _finished(run_dir: Path, fingerprint_sha: str, t0: float) -> DistillResult | None:
+    """The result of a complete earlier run of the same config, if RUN holds one intact."""
+    out = run_dir / "synset"
+    if not (out / MANIFEST).exists():
+        return None
+    doc = read_json(out / MANIFEST)
+    if doc.get("fingerprint") != fingerprint_sha or not (out / TENSOR_FILE).exists():
+        return None
+    if sha256_file(out / TENSOR_FILE) != doc.get("sha256"):
+        return None
+    grid = out / "grid.png"
+    return DistillResult(run_dir, out, out / TENSOR_FILE, out / MANIFEST, grid if grid.exists() else None,
+                         doc.get("groups", []), time.time() - t0)
+
+
+def run_distill(cfg: Config, run_dir: str | Path, *, progress: ProgressArg = True,
+                backend: str = "ray") -> DistillResult:
+    """Distil RUN/synset from the teachers in RUN/teachers, resuming whatever RUN already holds.
+
+    ``backend="ray"`` runs one Ray task per group against a shared teacher-service actor;
+    ``backend="local"`` runs the groups one after another in this process (no Ray).
+    ``progress``: True for the live view, False for silence, or a callable receiving every message.
+    """
+    t0 = time.time()
+    if backend not in ("ray", "local"):
+        raise RayddError(f"backend {backend!r} is unknown; expected 'ray' or 'local'")
+    cfg.validate()
+    run_dir = Path(run_dir).resolve()   # Ray workers and the service may not share our cwd
+    claim(cfg, run_dir, "distill")  # called directly, run_distill guards RUN as the pipeline does
+    fp = fingerprint(cfg)
+    if (done := _finished(run_dir, fp, t0)) is not None:
+        return done
+
+    from ..data import load_info
+    from ..data.zca import ensure_zca
+    info = load_info(cfg.data.dir)
+    shape = DataShape(info.in_channels, info.num_classes, info.image_size)
+    models, records = _load_teachers(cfg, run_dir, info)
+    zca = ensure_zca(cfg, run_dir, info)   # the teachers' whitening, when data.zca is on
+    plans = plan_groups(cfg, run_dir)
+    todo = [p for p in plans if not p.final_path.exists()]
+    fresh = [p for p in todo if not p.state_path.exists()]
+    inits = initial_images(cfg, info, fresh, zca) if fresh else {}
+    # A resumed group rebuilds its method before loading its state; any images of the right shape do.
+    for p in todo:
+        if p.index not in inits:
+            inits[p.index] = (torch.zeros(p.ipc * info.num_classes, *info.shape),
+                              torch.arange(info.num_classes).repeat_interleave(p.ipc))
+
+    view = LiveView(plans, progress)
+    try:
+        if backend == "local":
+            from ..services import LocalService
+            from ..train import resolve_device
+            device = resolve_device(cfg.device)
+            service = LocalService(models, device)
+            for p in todo:
+                distill_group(cfg, p, inits[p.index], Services(teachers=service), shape, report=view.handle,
+                              device=device)
+            out, groups = aggregate(cfg, run_dir, plans, service, records, info, fingerprint_sha=fp, zca=zca)
+        else:
+            out, groups = _run_on_ray(cfg, run_dir, plans, todo, inits, shape, view, records, info, fp, zca)
+    finally:
+        view.close()
+    grid = out / "grid.png"
+    return DistillResult(run_dir, out, out / TENSOR_FILE, out / MANIFEST, grid, groups, time.time() - t0)
+
+
+def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[GroupPlan],
+                inits: dict[int, tuple[torch.Tensor, torch.Tensor]], shape: DataShape, view: LiveView,
+                records: list[dict], info: Any, fp: str, zca: Any) -> tuple[Path, list[dict]]:
+    import ray
+    from ray.exceptions import RayError
+
+    from ..services import RayService, start_service
+
+    if not ray.is_initialized():
+        from ..raycluster import init_ray
+        init_ray(cfg.ray)
+    svc, res = cfg.distill.service, cfg.distill.resources
+    device = ray_device(cfg, res, "distill.resources")
+    service_device = ray_device(cfg, svc.resources, "distill.service.resources")
+    owned = not svc.name            # a configured name is shared across runs: leave it running
+    handle = board = None
+    pending: dict[Any, GroupPlan] = {}
+    errors: list[Exception] = []
+    try:
+        handle = start_service(run_dir, name=service_name(cfg, run_dir), resources=svc.resources,
+                               max_batch=svc.max_batch, max_restarts=svc.max_restarts, device=service_device)
+        hosted = _service_size(handle)
+        if hosted != len(records):
+            raise RayddError(f"teacher service {service_name(cfg, run_dir)!r} hosts {hosted} networks but "
+                             f"{run_dir / 'teachers'} has {len(records)}; it serves another run, so set "
+                             f"distill.service.name to a new name")
+        board = ray.remote(num_cpus=0)(_Board).remote()
+        ray.get(board.take.remote())   # alive before any worker reports to it
+        task = ray.remote(_group_task)
+        for p in todo:
+            # SPREAD: groups are equal and independent, so one per node balances a cluster best.
+            opts = dict(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=cfg.distill.max_retries,
+                        retry_exceptions=[RayError, OSError], scheduling_strategy="SPREAD",
+                        name=f"raydd-distill-{p.name}")
+            pending[task.options(**opts).remote(cfg, p, inits[p.index], handle, board, shape, device)] = p
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.5)
+            for msg in ray.get(board.take.remote()):
+                view.handle(msg)
+            for ref in ready:
+                plan = pending.pop(ref)
+                try:
+                    summary = ray.get(ref)
+                except Exception as e:   # reported per group once the others have finished
+                    errors.append(_group_error(cfg, plan, e))
+                    view.note(f"group {plan.index} failed: {errors[-1]}")
+                    continue
+                # Without shared storage the worker's files stay on its node; the driver keeps its own copy.
+                if not plan.final_path.exists():
+                    save_final(plan, summary["images"], summary["labels"])
+                    write_json(plan.progress_path, {k: v for k, v in summary.items()
+                                                    if k not in ("images", "labels")})
+        for msg in ray.get(board.take.remote()):
+            view.handle(msg)
+        if errors:
+            raise errors[0]
+        return aggregate(cfg, run_dir, plans, RayService(handle), records, info, fingerprint_sha=fp, zca=zca)
+    finally:
+        for ref in pending:        # interrupted: stop the workers; their checkpoints stay for a resume
+            ray.cancel(ref, force=True)
+        if board is not None:
+            ray.kill(board)
+        if owned and handle is not None:
+            ray.kill(handle, no_restart=True)
+
+
+def _service_size(handle: Any) -> int:
+    """Networks the service hosts; waits for it to load them, surfacing a failed start in one line."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    try:
+        return ray.get(handle.num_models.remote())
+    except RayActorError as e:
+        text = str(e).strip().splitlines()
+        raise RayddError(f"the teacher service failed to start: {text[-1] if text else type(e).__name__}") from None
+
+
+def ray_device(cfg: Config, res: Any, key: str) -> str:
+    """A Ray task's device: the GPU only when Ray gives it one (``res.gpus``) and cfg.device allows."""
+    if cfg.device == "cuda" and res.gpus == 0:
+        raise ConfigError(f"device: 'cuda' needs {key}.gpus > 0 (e.g. 1, or 0.5 to share a GPU)")
+    return "cuda" if res.gpus > 0 and cfg.device != "cpu" else "cpu"
+
+
+def _group_error(cfg: Config, plan: GroupPlan, exc: Exception) -> Exception:
+    """One line for the user (the original stays attached as the cause)."""
+    from ray.exceptions import RayTaskError
+
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, RayddError):
+        return cause
+    text = str(cause).strip().splitlines()
+    err = RayddError(f"group {plan.index} failed (distill.max_retries={cfg.distill.max_retries} retries "
+                     f"used): {type(cause).__name__}: {text[0] if text else ''}")
+    err.__cause__ = exc
+    return err

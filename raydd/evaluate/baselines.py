@@ -1,0 +1,78 @@
+"""The real data a sweep trains and tests on besides the synset: random subsets of the same IPC,
+the whole training split, the test split, all in the run's ZCA space when ``data.zca`` is on."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..io import load_tensors, read_json
+from ..synset import MANIFEST, Synset, save_synset
+from .elf import extract_features
+
+TEST_BATCH = 1024
+IN_MEMORY_BYTES = 2 << 30   # a larger real training split is streamed from the shards every epoch
+
+
+def run_zca(cfg: Config, run_dir: Path) -> dict[str, str] | None:
+    """The run's shared ZCA (fitted once by whoever needs it first), as a path + checksum for trials."""
+    if not cfg.data.zca:
+        return None
+    from ..data.zca import ZCA_FILE, ZCA_INDEX, ensure_zca
+    ensure_zca(cfg, run_dir)
+    return {"path": str((Path(run_dir) / ZCA_FILE).resolve()),
+            "sha256": read_json(Path(run_dir) / ZCA_INDEX)["sha256"]}
+
+
+def whitener(zca: dict[str, str] | None):
+    if not zca:
+        return lambda x: x
+    from ..data.zca import ZCA
+    return ZCA.from_state(load_tensors(zca["path"], sha256=zca["sha256"])).transform
+
+
+def real_test(info: Any, whiten) -> Any:
+    from ..data import batches
+    return lambda: ((whiten(x), y) for x, y in batches(info, "test", TEST_BATCH))
+
+
+def real_train(info: Any, whiten, batch_size: int, seed: int) -> Any:
+    """The real training split: in memory when it fits, else streamed with a new shuffle per epoch."""
+    from ..data import batches, load_split
+    if info.counts["train"]["total"] * math.prod(info.shape) * 4 <= IN_MEMORY_BYTES:
+        x, y = load_split(info, "train")
+        return whiten(x), y
+    epoch = iter(range(1 << 30))
+    return lambda: ((whiten(x), y) for x, y in batches(info, "train", batch_size, shuffle=True,
+                                                       seed=seed * 100_003 + next(epoch)))
+
+
+def random_subset(directory: Path, info: Any, fp: str, ipc: int, seed: int, teacher: torch.nn.Module | None,
+                   teacher_sha: str | None, feature_model: torch.nn.Module | None, feature_sha: str | None,
+                   zca: dict[str, str] | None, progress: bool) -> None:
+    """A random real subset of ``ipc`` images per class, labelled like the synset, saved as a synset."""
+    from ..data import sample_per_class
+
+    want = {"source": "random", "seed": seed, "ipc": ipc, "data": fp,
+            "teacher_sha256": teacher_sha if teacher is not None else None,
+            "feature_model_sha256": feature_sha if feature_model is not None else None}
+    if (directory / MANIFEST).exists():
+        doc = read_json(directory / MANIFEST)
+        if all(doc.get(k) == v for k, v in want.items()):
+            return
+    if progress:
+        print(f"[evaluate] sampling the random baseline: {ipc} real images per class, seed {seed}", flush=True)
+    x, y = sample_per_class(info, "train", ipc, seed)
+    x = whitener(zca)(x)
+    soft = feats = None
+    with torch.no_grad():
+        if teacher is not None:
+            teacher.eval()
+            soft = torch.cat([teacher(x[i:i + 256]) for i in range(0, x.shape[0], 256)])
+    if feature_model is not None:
+        feats = extract_features(feature_model, x)
+    save_synset(directory, Synset(x.float(), y.long(), soft_labels=soft, elf_features=feats,
+                                  meta={"num_classes": int(info.num_classes)}), manifest=want)

@@ -1,0 +1,124 @@
+"""The same config gives the same synset bit for bit: checksums recorded from a reference build.
+
+Tiny digits settings (2 groups, uneven split, 6 rounds); a change of any of these checksums means
+the distillation computes something else, which a refactoring must never do.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+from raydd.config import load_config
+from raydd.io import load_tensors
+from raydd.synset import load_synset
+
+pytestmark = pytest.mark.ray
+
+OVERRIDES = ["teachers.arch=convnet:width=8", "teachers.count=2", "teachers.epochs=2",
+             "distill.ipc=3", "distill.groups=2", "distill.rounds=6", "distill.student_epochs=4",
+             "distill.checkpoints=2", "distill.checkpoint_every=2", "distill.lr_img=1.0",
+             "distill.resources.cpus=0.5", "distill.service.resources.cpus=0.5"]
+TEACHERS_SHA = "cea6bad5c8ae9463fa8773e2e7022827b514cb1a7b1ada561e9ed858fd93d856"
+SYNSET_SHA = "ffd93361d024971e8d44d4a8f42dfd38b4cc66c975678dcc137b353476cf0da1"
+ZCA_SYNSET_SHA = "4ae0d247a447748ccd64c954291819bc540457ff0f22f4a3ebb8d5b1d4068b27"
+ROLLBACK_SHA = "ba64caaf13d20dc50b6a6dc0877069ae10ed6c314c23623227b5e820291d5dea"
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def synset_sha(directory) -> str:
+    syn = load_synset(directory)
+    return digest({"images": syn.images, "labels": syn.labels, "soft_labels": syn.soft_labels,
+                   "groups": syn.groups})
+
+
+def cfg_of(digits, *extra):
+    return load_config("configs/digits.yaml", [f"data.dir={digits}", *OVERRIDES, *extra])
+
+
+@pytest.fixture(scope="module")
+def teachers(digits, ray_local, tmp_path_factory):
+    from raydd.teachers import train_teachers
+    run = tmp_path_factory.mktemp("bitexact-teachers")
+    train_teachers(cfg_of(digits), run, progress=False)
+    return run
+
+
+def fresh_run(tmp_path, teachers, name="run"):
+    run = tmp_path / name
+    shutil.copytree(teachers / "teachers", run / "teachers")
+    return run
+
+
+def test_teachers_are_bit_exact(teachers):
+    from raydd.teachers import load_teachers
+    models, _ = load_teachers(teachers)
+    assert digest({f"{i}.{k}": v for i, m in enumerate(models) for k, v in m.state_dict().items()}) \
+        == TEACHERS_SHA
+
+
+def test_synset_is_bit_exact_in_process_on_ray_and_after_a_resume(digits, teachers, tmp_path):
+    from raydd import distill
+    from raydd.distillation import run_distill
+    cfg = cfg_of(digits)
+    local = run_distill(cfg, fresh_run(tmp_path, teachers, "local"), progress=False, backend="local")
+    assert synset_sha(local.synset_dir) == SYNSET_SHA
+
+    run = fresh_run(tmp_path, teachers, "resumed")
+
+    def interrupt(msg):
+        if msg["group"] == 1 and msg["kind"] == "checkpoint":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg, run, progress=interrupt, backend="local")
+    assert synset_sha(run_distill(cfg, run, progress=False, backend="local").synset_dir) == SYNSET_SHA
+
+    # The public API, groups on Ray: the service may coalesce both groups' requests into one batch,
+    # whose float results need not match per-request ones to the bit.
+    on_ray = distill(cfg, out=fresh_run(tmp_path, teachers, "ray"))
+    assert torch.allclose(load_synset(on_ray.synset_dir).images, load_synset(local.synset_dir).images,
+                          atol=1e-5)
+
+
+def test_zca_synset_is_bit_exact(digits, ray_local, tmp_path):
+    from raydd.distillation import run_distill
+    from raydd.teachers import train_teachers
+    cfg = cfg_of(digits, "data.zca=true", "teachers.count=1", "distill.groups=1", "distill.ipc=2")
+    train_teachers(cfg, tmp_path, progress=False)
+    out = run_distill(cfg, tmp_path, progress=False, backend="local")
+    assert synset_sha(out.synset_dir) == ZCA_SYNSET_SHA
+
+
+def test_rolled_back_group_is_bit_exact(digits, teachers, tmp_path):
+    from raydd.data import load_info
+    from raydd.distillation import DataShape, distill_group, initial_images, plan_groups
+    from raydd.methods import Services
+    from raydd.services import LocalService
+    from raydd.teachers import load_teachers
+
+    class Flaky(LocalService):
+        calls = 0
+
+        def input_grad(self, x, grad_logits, model):
+            self.calls += 1
+            g = super().input_grad(x, grad_logits, model)
+            return g * float("nan") if self.calls == 4 else g
+
+    cfg = cfg_of(digits, "distill.groups=1", "distill.ipc=2")
+    plan = plan_groups(cfg, tmp_path)[0]
+    init = initial_images(cfg, load_info(digits), [plan])[0]
+    out = distill_group(cfg, plan, init, Services(Flaky(load_teachers(teachers)[0])), DataShape(1, 10, 8))
+    assert out["rollbacks"] == 1
+    assert digest({"images": out["images"], "labels": out["labels"],
+                   "final": load_tensors(plan.final_path)["images"]}) == ROLLBACK_SHA
