@@ -270,3 +270,29 @@ def test_zca_round_trip_whitening_and_state(tmp_path):
     torch.testing.assert_close(back.transform(x[:5]), z[:5])
     with pytest.raises(RayddError, match="ZCA was fitted on images of 48 values"):
         zca.transform(torch.zeros(2, 1, 4, 4))
+
+
+def test_zca_whitens_raw_pixels_as_the_references():
+    """Fitted on normalised images with the normalisation's std, the transform equals the
+    references' ZCA of the raw [0, 1] pixels with eps 0.1, computed here directly in float64."""
+    g = gen(3)
+    mix = torch.rand(48, 48, generator=g) ** 4 / 12        # correlated pixels, mostly inside [0, 1]
+    raw = (torch.rand(800, 48, generator=g) @ mix).clamp(0, 1).reshape(800, 3, 4, 4)
+    assert 0.05 < raw.std() < 0.3 and (raw < 1).float().mean() > 0.95
+    m, s = torch.tensor([0.4, 0.5, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    z = (raw - m[:, None, None]) / s[:, None, None]
+    zca = ZCA.fit(z, reg=0.1, pixel_std=s.tolist())
+
+    flat = raw.reshape(800, -1).double()
+    centred = flat - flat.mean(0)
+    ev, u = torch.linalg.eigh(centred.T @ centred / 799)
+    direct = centred @ (u @ torch.diag((ev.clamp_min(0) + 0.1).rsqrt()) @ u.T)
+    torch.testing.assert_close(zca.transform(z).reshape(800, -1).double(), direct, atol=2e-5, rtol=1e-4)
+    # whitened covariance: s/(s + eps) along each eigen-direction, not the identity (eps matters)
+    cov = torch.cov(direct.T)
+    torch.testing.assert_close(u.T @ cov @ u, torch.diag(ev.clamp_min(0) / (ev.clamp_min(0) + 0.1)),
+                               atol=1e-6, rtol=0)
+    assert (ev / (ev + 0.1)).min() < 0.5            # the data has directions eps suppresses
+    torch.testing.assert_close(zca.inverse(zca.transform(z)), z, atol=1e-3, rtol=1e-4)
+    # fitting on the normalised pixels without their std is a different (weaker-eps) whitening
+    assert (ZCA.fit(z, reg=0.1).transform(z) - zca.transform(z)).abs().max() > 0.1
