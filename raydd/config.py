@@ -234,6 +234,8 @@ class EvalConfig:
     weight_decay: float = 5e-4
     batch_size: int = 256
     dsa: bool = True
+    # also run every distilled and random trial with DSA flipped, for DD-Ranking's ARS
+    ars: bool = False
     soft_loss: Literal["l1", "kl"] = "l1"
     soft_temperature: float = 1.0
     lr_search: Optional[list[float]] = None

@@ -197,3 +197,28 @@ def test_a_changed_grid_after_a_failure_runs_only_its_new_trials(run):
 def _subset(root):
     from raydd.data import load_info, sample_per_class
     return sample_per_class(load_info(root / "digits"), "train", 1, seed=7)
+
+
+def test_honest_scores_from_a_sweep_with_full_baseline_and_ars(run):
+    """HLR needs the full-data hard baseline and the synset in hard mode; ARS the DSA-flipped trials."""
+    root, cfg = run
+    cfg = _cfg(root, archs=["mlp"], modes=["hard", "soft"], seeds=1, epochs=2, baselines=["random", "full"],
+               full_epochs=1, ars=True)
+    import shutil
+    shutil.copytree(root / "run" / "teachers", root / "scores" / "teachers")   # they label the random subset
+    res = run_evaluation(cfg, root / "scores", synset_dir=root / "run" / "synset", progress=False)
+    doc = json.loads(res.results_json.read_text())
+    flipped = [t for t in doc["trials"] if t.get("dsa") is False]
+    # every distilled and random trial once more without DSA; never the full baseline
+    assert sorted((t["source"], t["mode"]) for t in flipped) == [("distilled", "hard"), ("distilled", "soft"),
+                                                                  ("random", "hard"), ("random", "soft")]
+    assert all(t["label"].endswith(" noaug") for t in flipped) and len(doc["trials"]) == 9
+    acc = {(t["source"], t["mode"], t.get("dsa", True)): t["test_acc"] for t in doc["trials"]}
+    s = doc["scores"]["mlp"]
+    assert s["hlr"]["value"] == pytest.approx(acc["full", "hard", True] - acc["distilled", "hard", True])
+    assert s["modes"]["soft"]["ior"] == pytest.approx(acc["distilled", "soft", True] - acc["random", "soft", True])
+    gap = lambda d: acc["distilled", "soft", d] - acc["random", "soft", d]  # noqa: E731
+    assert s["ars"]["soft"]["beta"] == pytest.approx(0.5 * gap(True) + 0.5 * gap(False))
+    assert "## Honest scores (DD-Ranking)" in res.md.read_text()
+    # the flipped trials stay out of the accuracy table: one trial per cell
+    assert all(row["n"] == 1 for row in doc["aggregate"])

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 from ..io import write_bytes, write_json, write_text
 from .scores import SCORES_NOTE, compute_scores, scores_markdown
 
-CSV_FIELDS = ("source", "arch", "mode", "seed", "lr", "status", "test_acc", "train_loss_first",
+CSV_FIELDS = ("source", "arch", "mode", "seed", "lr", "dsa", "status", "test_acc", "train_loss_first",
               "train_loss_last", "epochs", "seconds", "teacher_acc", "elf_adapted", "key", "experiment",
               "trial_id", "error")
 

@@ -14,6 +14,7 @@ A changed grid only runs the new trials.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import tempfile
@@ -33,7 +34,8 @@ from .sources import digest, prepare_sources
 
 REPORTS_PER_PHASE = 50      # intermediate Tune results per training phase (progress, schedulers)
 # EvalConfig fields that choose *which* trials run or *where*, not what a trial computes.
-NOT_SETTINGS = {"archs", "modes", "mode_archs", "seeds", "lr", "arch_lr", "lr_search", "baselines", "storage_path", "resources"}
+NOT_SETTINGS = {"archs", "modes", "mode_archs", "seeds", "lr", "arch_lr", "lr_search", "baselines",
+                "storage_path", "resources", "ars"}
 # Settings that only one mode reads (its name is their prefix), so changing them re-runs only that mode.
 MODE_SETTINGS = {"soft_loss", "soft_temperature", "kd", "elf"}
 
@@ -93,16 +95,20 @@ def execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: 
         for source, mode in prep.runs:
             if (arch, mode) in prep.skip or not ecfg.mode_archs.allows(mode, arch):
                 continue
-            for seed in seeds:
-                for lr in [own_lr] if own_lr is not None else lrs:
-                    label = f"{source}/{mode} {arch} s{seed}" + (f" lr{lr:g}" if multi_lr else "")
-                    key = digest({"label": label, "lr": lr, "settings": settings,
-                                 "mode": {k: getattr(ecfg, k) for k in MODE_SETTINGS if k.startswith(mode)},
-                                 "epochs": full_epochs if source == "full" else None,
-                                 "source": prep.sources[source]["fingerprint"],
-                                 "elf": prep.sources[source].get("elf") if mode == "elf" else None})[:16]
-                    planned[label] = {"label": label, "source": source, "mode": mode, "arch": arch,
-                                      "seed": seed, "lr": lr, "key": key}
+            # ARS compares synset and random subset with and without DSA: the flipped trials carry
+            # ``dsa`` (in their key too), the others run under evaluate.dsa and keep their keys
+            flips = [False, True] if ecfg.ars and source != "full" else [False]
+            for seed, lr, flip in itertools.product(seeds, [own_lr] if own_lr is not None else lrs, flips):
+                label = (f"{source}/{mode} {arch} s{seed}" + (f" lr{lr:g}" if multi_lr else "")
+                         + ((" noaug" if ecfg.dsa else " aug") if flip else ""))
+                key = digest({"label": label, "lr": lr, "settings": settings,
+                             "mode": {k: getattr(ecfg, k) for k in MODE_SETTINGS if k.startswith(mode)},
+                             "epochs": full_epochs if source == "full" else None,
+                             "source": prep.sources[source]["fingerprint"],
+                             "elf": prep.sources[source].get("elf") if mode == "elf" else None,
+                             **({"dsa": not ecfg.dsa} if flip else {})})[:16]
+                planned[label] = {"label": label, "source": source, "mode": mode, "arch": arch,
+                                  "seed": seed, "lr": lr, "key": key, **({"dsa": not ecfg.dsa} if flip else {})}
     previous, restore = _reusable(out_dir / "results.json")
     # the same grid after a failure: restore its experiment (its finished trials come back from Tune);
     # a changed grid runs only what is missing, reusing the failed experiment's finished trials too
@@ -301,6 +307,8 @@ def eval_trainable(config: dict[str, Any]) -> None:
     t = ctx["trials"][label]
     set_threads(ctx["cpus"])
     ecfg = section(EvalConfig, ctx["ecfg"], "evaluate")
+    if t.get("dsa") is not None:
+        ecfg = dataclasses.replace(ecfg, dsa=bool(t["dsa"]))
     info = load_info(ctx["data"])
     src = ctx["sources"][t["source"]]
     whiten = whitener(ctx.get("zca"))
