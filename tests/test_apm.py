@@ -244,12 +244,25 @@ def test_segment_size_does_not_change_the_update(batch_size):
         assert torch.allclose(f, finals[0], rtol=1e-4, atol=1e-5)
 
 
-def test_minibatch_updates_only_its_images():
-    group = make_group(small_cfg(batch_size=5))
-    before = group.images.clone()
-    group.step(Services(service()))
-    changed = (group.images != before).flatten(1).any(1)
-    assert int(changed.sum()) == 5
+def test_minibatch_momentum_coasts_like_torch_sgd():
+    """As torch SGD over the whole image tensor (the official code): images outside the mini-batch
+    get no gradient but keep moving on their momentum."""
+    group = make_group(small_cfg(batch_size=5, lr_img=0.5, momentum_img=0.5, lr_img_decay_at=1.0))
+    svc = service()
+    u0 = group.images.clone()
+    group.step(Services(svc))
+    first = (group.images != u0).flatten(1).any(1)
+    assert int(first.sum()) == 5                       # round 0: only its mini-batch has a gradient
+    buf, u1 = group.momentum.clone(), group.images.clone()
+    torch.testing.assert_close(u0 - u1, 0.5 * buf)
+    group.step(Services(svc))
+    drawn = (group.momentum != 0.5 * buf).flatten(1).any(1)   # round 1's mini-batch
+    assert int(drawn.sum()) == 5
+    coasting = first & ~drawn
+    assert coasting.any()
+    torch.testing.assert_close(u1[coasting] - group.images[coasting], 0.5 * 0.5 * buf[coasting])
+    untouched = ~first & ~drawn
+    assert torch.equal(group.images[untouched], u0[untouched])
 
 
 def test_resume_from_state_dict_is_exact(tmp_path):

@@ -13,8 +13,9 @@ SGD with momentum and one learning-rate decay, and the student sees DSA-augmente
 
 Teachers are reached only through the teacher *service* (``Services.teachers``):
 ``logits(x, model)`` and ``input_grad(x, grad_logits, model)``, the vector-Jacobian product
-through the frozen teacher. So a worker never holds a teacher, and the teacher runs forward once
-per segment however many checkpoints there are.
+through the frozen teacher. So a worker never holds a teacher, and the teacher runs two forwards
+per segment (logits, then the VJP) however many checkpoints there are; the official loop runs it
+forward and backward once per checkpoint.
 
 ZCA: with ``data.zca`` on, the images given to :class:`APMGroup` are already whitened and the
 teachers were trained on whitened data; nothing here depends on which space the images live in.
@@ -95,8 +96,9 @@ def image_loss_and_grad(u: Tensor, y: Tensor, student: nn.Module, checkpoints: l
     L = 1/B Σ_i [ Σ_k term(d(f_k(u_i), f_T(u_i))) + α·CE(f_T(u_i), y_i) ],
     term = −d ("linear", the official code) or −log d ("log", Eq. 4). Every term is per sample,
     so summing segments normalised by the full B gives the same gradient for any segment size.
-    The teacher runs once per segment; its share of ∂L/∂u comes back from the service as the
-    VJP of ∂L/∂logits. Networks in eval mode, no augmentation."""
+    Per segment the service runs the teacher twice: its logits, then the VJP of ∂L/∂logits (a
+    second forward, since the graph cannot wait in the service between calls); the K student
+    checkpoints run in the worker. Networks in eval mode, no augmentation."""
     if objective not in ("linear", "log"):
         raise ConfigError(f"distill.objective: {objective!r} is invalid; expected 'linear' or 'log'")
     n = len(u)
@@ -210,16 +212,17 @@ class APMGroup(Method):
         if not (math.isfinite(loss) and torch.isfinite(grad).all()):
             raise NonFiniteImages(f"group image gradient is not finite at round {self.round} "
                                   f"(loss {loss}); lower distill.lr_img or distill.lr_net")
-        # SGD with momentum on the mini-batch only: an image's momentum advances when it is
-        # updated, so images outside the batch stay put (identical to torch SGD for full batches).
+        # torch SGD with momentum over the whole image tensor, as the official code: images outside
+        # the mini-batch get a zero gradient but keep coasting on their momentum (B < group size).
         decayed = self.round >= int(cfg.lr_img_decay_at * cfg.rounds)
         lr = cfg.lr_img * (cfg.lr_img_decay if decayed else 1.0)
-        momentum = cfg.momentum_img * self.momentum[idx] + grad
-        new = self.u[idx] - lr * momentum
+        full = grad if b == n else torch.zeros_like(self.u).index_copy_(0, idx, grad)
+        momentum = cfg.momentum_img * self.momentum + full
+        new = self.u - lr * momentum
         if not torch.isfinite(new).all():
             raise NonFiniteImages(f"group images became non-finite at round {self.round}; "
                                   f"lower distill.lr_img")
-        self.momentum[idx], self.u[idx] = momentum, new
+        self.momentum, self.u = momentum, new
         t_image = time.perf_counter() - t0
 
         self.round += 1
