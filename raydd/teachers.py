@@ -210,10 +210,19 @@ def _write_index(out: Path, dataset: dict, records: dict[int, dict]) -> None:
 
 
 def _reusable(rec: dict | None, want: dict, out: Path) -> bool:
+    """A finished teacher of these settings: reused. A finished one whose file is gone or changed
+    is an error, not a silent retrain: the run's synset and baselines may have been made with it."""
     if rec is None or any(rec.get(k) != v for k, v in want.items()):
         return False
     path = out / rec.get("file", "")
-    return path.is_file() and sha256_file(path) == rec.get("sha256")
+    if not path.is_file():
+        problem = "is missing"
+    elif sha256_file(path) != rec.get("sha256"):
+        problem = "fails its sha256 in teachers.json (changed or damaged)"
+    else:
+        return True
+    raise RayddError(f"teacher file {path} {problem}; to retrain on purpose, delete {out} and the "
+                     f"stages made with it ({out.parent}/distill, synset, eval), or use a new --out")
 
 
 def _failure(e: BaseException) -> str:

@@ -128,12 +128,16 @@ def test_checksum_and_spec_are_verified(digits, ray_local, tmp_path):
     assert msg.startswith("teacher-000 is convnet") and "10 classes at 1x8x8 but the data is 3x32x32" in msg
     with pytest.raises(RayddError, match="with 100 classes"):
         load_teachers(run, expect_classes=100)
-    # The damaged teacher, and only it, is trained again.
-    train_teachers(config(digits), run)
-    after = mtimes(run)
-    assert after["teacher-000.safetensors"] == before["teacher-000.safetensors"]
-    assert after["teacher-001.safetensors"] != before["teacher-001.safetensors"]
-    assert len(load_teachers(run)[0]) == 2
+    # A finished teacher that fails its checksum is an error naming it, never a silent retrain
+    # (a synset distilled with the old one would sit beside baselines labelled by the new one).
+    with pytest.raises(RayddError, match=r"teacher file .*teacher-001\.safetensors fails its sha256 in "
+                                         r"teachers\.json .*to retrain on purpose, delete"):
+        train_teachers(config(digits), run)
+    assert mtimes(run)["teacher-000.safetensors"] == before["teacher-000.safetensors"]
+    assert path.read_bytes() == bytes(data)          # nothing rewritten
+    path.unlink()
+    with pytest.raises(RayddError, match=r"teacher-001\.safetensors is missing"):
+        train_teachers(config(digits), run)
     with pytest.raises(RayddError, match="no teachers in"):
         load_teachers(tmp_path / "elsewhere")
 
