@@ -40,7 +40,7 @@ def test_every_architecture_trains_and_exposes_features(name, c, s):
         assert torch.allclose(feats["logits"], net(x), atol=1e-5)
     assert feats["embedding"].shape == (2, net.embedding_dim)
     fmap = feats["feature_map"]
-    expected_dims = {"mlp": 2, "vit_tiny": 3}.get(name, 4)
+    expected_dims = {"mlp": 2, "vit_tiny": 3, "vit_apm": 3}.get(name, 4)
     assert fmap.dim() == expected_dims and fmap.shape[0] == 2
 
 
@@ -131,7 +131,8 @@ def test_convnet_field_conventions():
     assert build("convnet", 3, 10, 64).config["depth"] == 4
     assert build("convnet_d4", 1, 10, 8).config["depth"] == 3   # capped: last conv sees 2x2
     assert build("convnet:depth=5", 1, 10, 16).config["depth"] == 4
-    assert build("convnet:pool=none,depth=2,width=8", 1, 10, 8).stages["fc"].in_features == 8 * 8 * 8
+    assert build("convnet:pool=none,depth=2,width=8", 3, 10, 8).stages["fc"].in_features == 8 * 8 * 8
+    assert build("convnet:pool=none,depth=2,width=8", 1, 10, 8).stages["fc"].in_features == 8 * 12 * 12
 
     norms = {"convnet": InstanceNorm, "convnet_bn": nn.BatchNorm2d, "convnet_ln": LayerNorm2d,
              "convnet_gn": GroupNorm4}
@@ -151,6 +152,76 @@ def test_convnet_field_conventions():
     assert type(build("convnet:pool=max", 3, 10, 32).stages["block1"][3]) is nn.MaxPool2d
     with pytest.raises(RayddError, match="divisible by 4"):
         build("convnet_gn:width=6", 3, 10, 32)
+
+
+# Parameter counts of the reference architectures, each counted by instantiating the official
+# class (DC code networks.py ConvNet / ResNet18 / ResNet18BN, DD_APM utils.py get_network's ViT).
+REFERENCE_COUNTS = [
+    ("convnet", 3, 32, 320_010),      # DC ConvNet (width 128, depth 3, instancenorm), 32x32x3
+    ("convnet", 1, 28, 317_706),      # DC ConvNet, 28x28x1 (first conv padded by 3 -> 32x32 maps)
+    ("convnet", 1, 8, 298_506),       # DC ConvNet, 8x8x1 (padded by 3 -> 12x12 maps)
+    ("convnet_d4", 3, 64, 467_850),   # DC ConvNetD4, 64x64x3
+    ("resnet18_in", 3, 32, 11_173_962),   # DC code's ResNet18 (instance norm), 32x32x3
+    ("resnet18_bn", 3, 32, 11_173_962),   # DC code's ResNet18BN, 32x32x3
+    ("resnet18_in", 1, 28, 11_172_810),   # DC code's ResNet18, 28x28x1
+    ("vit_apm", 3, 32, 3_221_514),        # DD_APM's ViT (patch 4, dim 512, depth 3, 4 heads), 32x32x3
+]
+
+
+@pytest.mark.parametrize("spec,c,s,count", REFERENCE_COUNTS, ids=[f"{r[0]}-{r[2]}x{r[1]}" for r in REFERENCE_COUNTS])
+def test_field_architectures_have_the_reference_parameter_count(spec, c, s, count):
+    assert sum(p.numel() for p in build(spec, c, 10, s).parameters()) == count
+
+
+def test_convnet_first_conv_padding_follows_the_dc_code():
+    # grey inputs are padded by 3 at every size (8 px: 12->6->3 maps, not 8->4->2), colour by 1
+    grey = build("convnet:width=8", 1, 10, 8).eval()
+    assert grey.stages["block1"][0].padding == (3, 3) and grey.config["first_pad"] == 3
+    f = grey.features(_x(1, 8), ["block1", "block2", "block3"])
+    assert [f[k].shape[-1] for k in ("block1", "block2", "block3")] == [6, 3, 1]
+    colour = build("convnet:width=8", 3, 10, 8)
+    assert colour.stages["block1"][0].padding == (1, 1) and colour.config["depth"] == 3
+    assert build("convnet", 1, 10, 32).stages["block1"][0].padding == (3, 3)
+    assert build("convnet", 3, 10, 28).stages["block1"][0].padding == (3, 3)   # 28 px acts like 32
+    assert build("convnet", 3, 10, 32).stages["block1"][0].padding == (1, 1)
+    assert build("convnet", 3, 10, 64).config["depth"] == 4
+
+
+def test_dc_resnet18_variants():
+    net = build("resnet18_in", 3, 10, 32)
+    norms = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(type(m) is InstanceNorm and m.num_groups == m.num_channels for m in norms)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    # PyTorch default init as in the DC code: no residual branch starts zeroed (timm's does)
+    assert all(bool((blk.bn2.weight == 1).all()) for blk in net.stages["layer1"])
+    assert all(bool((blk.bn2.weight == 0).all()) for blk in build("resnet18", 3, 10, 32).stages["layer1"])
+    assert net.spec == "resnet18_in" and net.elf_split == "layer4_0"
+    assert net.eval().features(_x(3, 32), "feature_map")["feature_map"].shape == (2, 512, 4, 4)
+    bn = build("resnet18_bn", 3, 10, 32)
+    assert isinstance(bn.stages["stem"][1], nn.BatchNorm2d) and bn.config["init"] == "torch"
+    assert variant("resnet18_in", activation="swish") == "resnet18:act=swish,init=torch,norm=instance"
+
+
+def test_vit_apm_structure():
+    vit = build("vit_apm", 3, 10, 32).eval()
+    assert vit.stage_names == ["embed", "block1", "block2", "block3", "norm", "pool", "fc"]
+    assert vit.config["patch"] == 4 and vit.config["tokens"] == 64
+    f = vit.features(_x(3, 32), ["embed", "embedding"])
+    assert f["embed"].shape == (2, 65, 512) and f["embedding"].shape == (2, 512)
+    attn = vit.stages["block1"].attn
+    assert attn.qkv.bias is None and attn.qkv.out_features == 3 * 4 * 64
+    assert build("vit_apm", 1, 10, 8).config["tokens"] == 4
+    assert build("vit_apm:patch=2,depth=1", 1, 10, 8).config["tokens"] == 16
+    small = build("vit_apm:width=32,heads=2,head_dim=8,mlp=16,depth=1", 3, 10, 16)
+    assert small.stages["block1"].attn.qkv.out_features == 3 * 2 * 8
+    with pytest.raises(RayddError, match="patch=3 does not divide"):
+        build("vit_apm:patch=3", 3, 10, 32)
+    # dropout 0.1: training-mode outputs vary, eval-mode outputs do not
+    x = _x(3, 32)
+    with torch.no_grad():
+        assert torch.equal(vit(x), vit(x))
+        vit.train()
+        assert not torch.equal(vit(x), vit(x))
 
 
 def test_small_image_adaptations():
@@ -272,7 +343,8 @@ def test_available_lists_every_name_once():
     names = [n for n, _ in entries]
     assert names[:-1] == list(REGISTRY) and names[-1] == "timm:<name>"
     assert {"convnet", "convnet_d3", "convnet_d4", "mlp", "lenet", "alexnet", "vgg11", "vgg11_bn",
-            "resnet18", "resnet34", "resnet50", "vit_tiny", "mobilenetv2"} <= set(names)
+            "resnet18", "resnet18_in", "resnet18_bn", "resnet34", "resnet50", "vit_apm", "vit_tiny",
+            "mobilenetv2"} <= set(names)
     assert all(desc and "\n" not in desc for _, desc in entries)
 
 

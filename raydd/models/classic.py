@@ -4,13 +4,14 @@ AlexNet and VGG11, as StagedNet stages.
 Size rules shared by these nets:
 - 28×28 inputs are treated like 32×32: the first conv is padded so its output is 32×32 (the DC
   code does this for its 28 px single-channel datasets; here it is keyed on the size, so that
-  32 px grey or 28 px colour inputs also work).
+  28 px colour inputs also work).
+- The ConvNet follows the DC/DSA/APM ConvNet exactly wherever that one builds: its first conv
+  is padded by 3 for every single-channel input (so 8 px grey runs on 12→6→3 maps, not 8→4→2),
+  and by 1 for colour (28 px colour, which the reference cannot build, is padded by 3 as above).
 - Down-sampling never leaves a conv with a map below 2×2: a normalised 1×1 map is a constant, which
   would cut the net off from its input on 8 px images.
 """
 from __future__ import annotations
-
-import math
 
 import torch.nn as nn
 
@@ -34,31 +35,42 @@ def _need(model: str, size: int, minimum: int, image_size: int) -> None:
                          "its feature map would vanish (use larger images)")
 
 
+def convnet_first_pad(in_channels: int, image_size: int) -> int:
+    """First-conv padding of the DC ConvNet: 3 for grey inputs (28 px grey → 32×32 maps; at 8 px
+    the last block's norm then sees 3×3 instead of 2×2 maps, which narrow nets depend on), 3 for
+    28 px colour (acts like 32 px), else 1."""
+    return 3 if in_channels == 1 or image_size == 28 else 1
+
+
 def convnet(opts: dict, in_channels: int, num_classes: int, image_size: int) -> Built:
     """D × [3×3 conv → norm → act → 2×2 pool] → flatten → linear (DC ConvNet).
 
     Depth defaults to 3 up to 32 px and 4 above (the field's ConvNet / ConvNetD4). With pooling,
-    depth is capped at log2(size) so the last conv still sees a 2×2 map (8 px: depth ≤ 3).
+    depth is capped so that the last conv still sees a map of at least 2×2 (8 px: depth ≤ 3).
     The embedding is the flattened last map, as in the DC code (W·h·w wide).
     """
     width, norm, act, pool = opts["width"], opts["norm"], opts["act"], opts["pool"]
-    size = effective_size(image_size)
+    pad = convnet_first_pad(in_channels, image_size)
+    maps = [image_size + 2 * pad - 2]            # map of each block's conv output
     depth = opts["depth"] or (3 if image_size <= 32 else 4)
     if pool != "none":
-        depth = min(depth, int(math.log2(size)))
+        while len(maps) < depth and maps[-1] // 2 >= 2:
+            maps.append(maps[-1] // 2)
+        depth = len(maps)
+        size = maps[-1] // 2
+    else:
+        size = maps[0]
     if norm == "group" and width % 4:
         raise RayddError(f"model 'convnet': norm=group needs a width divisible by 4, got width={width}")
     stages = []
     channels = in_channels
     for d in range(depth):
-        layers = [nn.Conv2d(channels, width, 3, padding=_first_pad(image_size, 3) if d == 0 else 1)]
+        layers = [nn.Conv2d(channels, width, 3, padding=pad if d == 0 else 1)]
         layers += filter(None, [norm_layer(norm, width), act_layer(act), pool2x2(pool)])
-        if pool != "none":
-            size //= 2
         stages.append((f"block{d + 1}", nn.Sequential(*layers)))
         channels = width
     stages += [("pool", nn.Flatten()), ("fc", nn.Linear(width * size * size, num_classes))]
-    config = dict(width=width, depth=depth, norm=norm, act=act, pool=pool)
+    config = dict(width=width, depth=depth, norm=norm, act=act, pool=pool, first_pad=pad)
     return Built(stages, elf_split=f"block{depth}", config=config)
 
 

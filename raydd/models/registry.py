@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import RayddError
-from . import classic, timm_nets
+from . import classic, timm_nets, vit
 from .layers import ACT_ALIASES, ACTS, NORM_ALIASES, NORMS, POOL_ALIASES, POOLS
 from .spec import Entry, Option, format_spec, parse_spec
 from .staged import StagedNet
@@ -19,19 +19,26 @@ CONVNET = dict(
 VGG = dict(norm=NORM, act=ACT, pool=Option("max", "2x2 pooling", ("avg", "max"), POOL_ALIASES))
 TIMM_VGG = dict(norm=Option("batch", "normalisation", tuple(NORMS), NORM_ALIASES), act=ACT)
 RESNET = dict(norm=Option("batch", "normalisation", tuple(NORMS), NORM_ALIASES), act=ACT,
-               pool=Option("avg", "global pooling", ("avg", "max"), POOL_ALIASES))
+              pool=Option("avg", "global pooling", ("avg", "max"), POOL_ALIASES),
+              init=Option("timm", "weight init: timm's (Kaiming fan-out convs, last norm of each block "
+                          "zeroed) or torch's layer defaults (the DC/DSA/APM code)", ("timm", "torch")))
 VIT = dict(patch=Option(None, "patch size (auto: ~8x8 tokens, 8 px: 2, 32 px: 4, 64 px: 8)"),
             width=Option(192, "embedding width"), depth=Option(12, "transformer blocks"),
             heads=Option(3, "attention heads"))
+VIT_APM = dict(patch=Option(None, "patch size (auto: 4 when it divides the size, as APM)"),
+               width=Option(512, "embedding width"), depth=Option(3, "transformer blocks"),
+               heads=Option(4, "attention heads"), head_dim=Option(64, "width of each head"),
+               mlp=Option(512, "hidden width of the MLP"))
 MLP = dict(width=Option(128, "hidden width"), depth=Option(2, "hidden layers"))
 
 
 def _entries() -> list[Entry]:
     conv = dict(builder=classic.convnet, options=CONVNET, base="convnet")
     vgg = dict(builder=classic.vgg11, options=VGG, base="vgg11")
+    res18 = dict(builder=timm_nets.resnet("resnet18"), options=RESNET, base="resnet18")
     return [
         Entry("convnet", "ConvNet of the DD field: 3x3 conv-instancenorm-relu-avgpool blocks, width 128, "
-              "depth 3 (<=32 px) / 4 (64 px)", **conv),
+              "depth 3 (<=32 px) / 4 (64 px), first conv padded by 3 for grey and 28 px inputs", **conv),
         Entry("convnet_d3", "ConvNet, depth 3", fixed=dict(depth=3), **conv),
         Entry("convnet_d4", "ConvNetD4, depth 4 (64 px datasets)", fixed=dict(depth=4), **conv),
         Entry("convnet_bn", "ConvNet with batch norm", fixed=dict(norm="batch"), **conv),
@@ -46,10 +53,16 @@ def _entries() -> list[Entry]:
         Entry("vgg11_bn", "VGG11 for small images (DC variant), batch norm", fixed=dict(norm="batch"), **vgg),
         Entry("vgg11_timm", "timm VGG11-BN features, global average pool, linear", timm_nets.vgg11_timm,
               TIMM_VGG),
-        Entry("resnet18", "timm ResNet-18, CIFAR stem (3x3 stride-1 conv, no max-pool)",
-              timm_nets.resnet("resnet18"), RESNET),
+        Entry("resnet18", "timm ResNet-18, batch norm, timm init, CIFAR stem (3x3 stride-1 conv, no max-pool)",
+              **res18),
+        Entry("resnet18_in", "ResNet18 of the DC/DSA/MTT/APM tables: instance norm, CIFAR stem, "
+              "PyTorch default init", fixed=dict(norm="instance", init="torch"), **res18),
+        Entry("resnet18_bn", "ResNet18BN of the DC code: batch norm, CIFAR stem, PyTorch default init",
+              fixed=dict(init="torch"), **res18),
         Entry("resnet34", "timm ResNet-34, CIFAR stem", timm_nets.resnet("resnet34"), RESNET),
         Entry("resnet50", "timm ResNet-50 (bottleneck), CIFAR stem", timm_nets.resnet("resnet50"), RESNET),
+        Entry("vit_apm", "ViT of the APM tables: patch 4, width 512, depth 3, 4 heads of 64, MLP 512, "
+              "dropout 0.1", vit.vit_apm, VIT_APM),
         Entry("vit_tiny", "timm ViT-Tiny (192 wide, 12 blocks, 3 heads), patch fitted to the image",
               timm_nets.vit_tiny, VIT),
         Entry("mobilenetv2", "timm MobileNetV2 1.0, stride-1 stem and second stage (total stride 8)",

@@ -54,14 +54,24 @@ def _norm_cls(norm: str) -> type:
 def resnet(arch: str):
     def build(opts: dict, in_channels: int, num_classes: int, image_size: int) -> Built:
         """timm ResNet with a CIFAR stem. ELF splits after layer4's first block (paper: conv5_2,
-        32 px) or after layer3 (conv4_4, 64 px)."""
-        norm, act, pool = opts["norm"], opts["act"], opts["pool"]
+        32 px) or after layer3 (conv4_4, 64 px).
+
+        The blocks are those of the DC code's ResNet (conv-norm-act-conv-norm, 1×1 stride-2
+        conv + norm shortcut); at 32 px the global average pool is its 4×4 average pool.
+        ``init=timm`` keeps timm's init (Kaiming fan-out convs, last norm of each block zeroed);
+        ``init=torch`` keeps PyTorch's layer defaults, as the DC/DSA/APM code does."""
+        norm, act, pool, init = opts["norm"], opts["act"], opts["pool"], opts["init"]
         model = _timm().create_model(
             arch, pretrained=False, in_chans=in_channels, num_classes=num_classes,
             norm_layer=_norm_cls(norm), act_layer=timm_act(act), global_pool=pool,
-            zero_init_last=norm != "none")   # zero-init needs a norm weight to zero
+            zero_init_last=norm != "none" and init == "timm")   # zero-init needs a norm weight to zero
         conv = nn.Conv2d(in_channels, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # as timm inits convs
+        if init == "timm":
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # as timm inits convs
+        else:
+            for module in model.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.reset_parameters()
         layers = [model.layer1, model.layer2, model.layer3, model.layer4]
         size = _limit_strides([layer[0] for layer in layers], image_size)
         stages = [("stem", nn.Sequential(conv, model.bn1, model.act1)),
@@ -69,7 +79,7 @@ def resnet(arch: str):
         stages += [(f"layer4_{i}", block) for i, block in enumerate(model.layer4)]
         stages += [("pool", model.global_pool), ("fc", model.fc)]
         return Built(stages, elf_split="layer4_0" if image_size <= 32 else "layer3",
-                     config=dict(norm=norm, act=act, pool=pool, final_map=size))
+                     config=dict(norm=norm, act=act, pool=pool, init=init, final_map=size))
     return build
 
 
