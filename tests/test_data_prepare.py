@@ -299,7 +299,7 @@ def test_missing_or_wrong_sources_fail_clearly_without_writing(tmp_path, monkeyp
         with pytest.raises(DataError, match=pattern) as e:
             data.prepare(out=out, **kwargs)
         assert "\n" not in str(e.value)
-    monkeypatch.setattr(prep, "DEFAULT_ROOT", tmp_path / "none")
+    monkeypatch.setattr("raydd.data.sources.DEFAULT_ROOT", tmp_path / "none")
     with pytest.raises(DataError, match=r"fashion-mnist needs --src PATH \(no default at .*none/fashion-mnist\)"):
         data.prepare("fashion-mnist", out)
     # a truncated and a mislabelled IDX file

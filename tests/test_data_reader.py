@@ -223,11 +223,11 @@ def test_shard_names_cannot_inject_commands(copy, tmp_path, name):
 
 def test_pipe_names_are_shell_quoted(monkeypatch):
     """A name the pattern allows still reaches the shell quoted; option-like names are refused."""
-    from raydd.data import reader
-    assert reader._join("pipe:cat /d/{name}", "train-000000.tar") == "pipe:cat /d/train-000000.tar"
-    monkeypatch.setattr(reader, "SHARD_NAME", __import__("re").compile(r".+"))
-    assert reader._join("pipe:cat /d/{name}", "a;b") == "pipe:cat /d/'a;b'"
-    assert reader._join("/d/{name}", "a;b") == "/d/a;b"   # no shell: no quoting
+    from raydd.data import manifest
+    assert manifest._join("pipe:cat /d/{name}", "train-000000.tar") == "pipe:cat /d/train-000000.tar"
+    monkeypatch.setattr(manifest, "SHARD_NAME", __import__("re").compile(r".+"))
+    assert manifest._join("pipe:cat /d/{name}", "a;b") == "pipe:cat /d/'a;b'"
+    assert manifest._join("/d/{name}", "a;b") == "/d/a;b"   # no shell: no quoting
     monkeypatch.undo()
     with pytest.raises(DataError, match="shard name '-rf' is invalid"):
-        reader._join("pipe:cat /d/{name}", "-rf")
+        manifest._join("pipe:cat /d/{name}", "-rf")

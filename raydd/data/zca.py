@@ -12,7 +12,8 @@ import torch
 from ..config import Config
 from ..errors import RayddError
 from ..io import load_tensors, read_json, save_tensors, write_json
-from .reader import batches, load_info
+from .manifest import load_info
+from .reader import batches
 
 ZCA_FILE = "zca.safetensors"
 ZCA_INDEX = "zca.json"
