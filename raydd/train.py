@@ -1,7 +1,9 @@
 """The field's classifier recipe: SGD with momentum and weight decay, lr ×0.1 at half the epochs.
 
-Shared by teacher training, distillation students and evaluation, so every accuracy raydd
-reports comes from the same loop.
+The loop of teacher training and of every evaluation trial, so every accuracy raydd reports comes
+from the same loop. APM's students train in their own short loop (``raydd.methods.apm``): they
+stop at their last checkpoint and regress teacher logits with L1, and the official student loop
+they reproduce is checked against them.
 """
 from __future__ import annotations
 
