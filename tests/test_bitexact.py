@@ -1,7 +1,11 @@
 """The same config gives the same synset bit for bit: checksums recorded from a reference build.
 
 Tiny digits settings (2 groups, uneven split, 6 rounds); a change of any of these checksums means
-the distillation computes something else, which a refactoring must never do.
+the distillation computes something else, which a refactoring must never do. Recorded before the
+split into methods/ and distillation/ (which kept them), and again after the deliberate algorithm
+changes that followed (per-image DSA, the DC ConvNet's grey padding, whole-group image momentum,
+ZCA on raw pixels). On another CPU or torch build the float results may differ in the last bit;
+re-record only after checking that the change is such a platform difference.
 """
 from __future__ import annotations
 
@@ -21,10 +25,10 @@ OVERRIDES = ["teachers.arch=convnet:width=8", "teachers.count=2", "teachers.epoc
              "distill.ipc=3", "distill.groups=2", "distill.rounds=6", "distill.student_epochs=4",
              "distill.checkpoints=2", "distill.checkpoint_every=2", "distill.lr_img=1.0",
              "distill.resources.cpus=0.5", "distill.service.resources.cpus=0.5"]
-TEACHERS_SHA = "cea6bad5c8ae9463fa8773e2e7022827b514cb1a7b1ada561e9ed858fd93d856"
-SYNSET_SHA = "ffd93361d024971e8d44d4a8f42dfd38b4cc66c975678dcc137b353476cf0da1"
-ZCA_SYNSET_SHA = "4ae0d247a447748ccd64c954291819bc540457ff0f22f4a3ebb8d5b1d4068b27"
-ROLLBACK_SHA = "ba64caaf13d20dc50b6a6dc0877069ae10ed6c314c23623227b5e820291d5dea"
+TEACHERS_SHA = "95a151e8de3b473bc9a0c59dd4e4ef9240be4aa37abd20c7daeee1a0c19b0e18"
+SYNSET_SHA = "b19ee8d68dcfa84859c6d225451141d407c11327dad043d42c8be6cca23c3b7b"
+ZCA_SYNSET_SHA = "04e5b424075e6d251b82e91f13825995ff2ee854ac86f0720ef63033cdb25e5c"
+ROLLBACK_SHA = "e432bc0ed4fa7cca96ee6515508571c971ef9e32ad328a5a53743de9ae41dd8b"
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -63,8 +67,8 @@ def fresh_run(tmp_path, teachers, name="run"):
 def test_teachers_are_bit_exact(teachers):
     from raydd.teachers import load_teachers
     models, _ = load_teachers(teachers)
-    assert digest({f"{i}.{k}": v for i, m in enumerate(models) for k, v in m.state_dict().items()}) \
-        == TEACHERS_SHA
+    got = digest({f"{i}.{k}": v for i, m in enumerate(models) for k, v in m.state_dict().items()})
+    assert got == TEACHERS_SHA, f"teachers now digest to {got}"
 
 
 def test_synset_is_bit_exact_in_process_on_ray_and_after_a_resume(digits, teachers, tmp_path):
@@ -72,7 +76,8 @@ def test_synset_is_bit_exact_in_process_on_ray_and_after_a_resume(digits, teache
     from raydd.distillation import run_distill
     cfg = cfg_of(digits)
     local = run_distill(cfg, fresh_run(tmp_path, teachers, "local"), progress=False, backend="local")
-    assert synset_sha(local.synset_dir) == SYNSET_SHA
+    got = synset_sha(local.synset_dir)
+    assert got == SYNSET_SHA, f"the synset now digests to {got}"
 
     run = fresh_run(tmp_path, teachers, "resumed")
 
@@ -97,7 +102,8 @@ def test_zca_synset_is_bit_exact(digits, ray_local, tmp_path):
     cfg = cfg_of(digits, "data.zca=true", "teachers.count=1", "distill.groups=1", "distill.ipc=2")
     train_teachers(cfg, tmp_path, progress=False)
     out = run_distill(cfg, tmp_path, progress=False, backend="local")
-    assert synset_sha(out.synset_dir) == ZCA_SYNSET_SHA
+    got = synset_sha(out.synset_dir)
+    assert got == ZCA_SYNSET_SHA, f"the ZCA synset now digests to {got}"
 
 
 def test_rolled_back_group_is_bit_exact(digits, teachers, tmp_path):
@@ -120,5 +126,6 @@ def test_rolled_back_group_is_bit_exact(digits, teachers, tmp_path):
     init = initial_images(cfg, load_info(digits), [plan])[0]
     out = distill_group(cfg, plan, init, Services(Flaky(load_teachers(teachers)[0])), DataShape(1, 10, 8))
     assert out["rollbacks"] == 1
-    assert digest({"images": out["images"], "labels": out["labels"],
-                   "final": load_tensors(plan.final_path)["images"]}) == ROLLBACK_SHA
+    got = digest({"images": out["images"], "labels": out["labels"],
+                  "final": load_tensors(plan.final_path)["images"]})
+    assert got == ROLLBACK_SHA, f"the rolled-back group now digests to {got}"
