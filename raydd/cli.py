@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from .errors import RayddError
 
@@ -63,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         from .data import prepare
+        from .pipeline import check_dir
         if args.shard_size < 1:
             raise RayddError(f"--shard-size {args.shard_size} is invalid; expected an integer >= 1")
-        info = prepare(args.source, args.out, src=args.src, image_size=args.image_size,
-                       shard_size=args.shard_size)
+        check_dir(args.out, "--out")
+        with _undo_if_failed(args.out):
+            info = prepare(args.source, args.out, src=args.src, image_size=args.image_size,
+                           shard_size=args.shard_size)
         counts = info["counts"]
         print(f"{args.out}: {counts['train']['total']} train / {counts['test']['total']} test images, "
               f"{info['num_classes']} classes, shape {'×'.join(map(str, info['shape']))}")
@@ -81,15 +87,46 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .config import load_config
     cfg = load_config(args.config, args.overrides)
     run_dir = pipeline.run_dir_for(cfg, args.out)
-    if args.command == "teachers":
-        pipeline.stage_teachers(cfg, run_dir)
-    elif args.command == "distill":
-        pipeline.stage_distill(cfg, run_dir)
-    elif args.command == "evaluate":
-        pipeline.stage_evaluate(cfg, run_dir, synset_dir=args.synset)
-    elif args.command == "run":
-        pipeline.run(cfg, run_dir)
+    pipeline.check_dir(run_dir, "--out" if args.out is not None else "the run directory")
+    with _undo_if_failed(run_dir):
+        if args.command == "teachers":
+            pipeline.stage_teachers(cfg, run_dir)
+        elif args.command == "distill":
+            pipeline.stage_distill(cfg, run_dir)
+        elif args.command == "evaluate":
+            pipeline.stage_evaluate(cfg, run_dir, synset_dir=args.synset)
+        elif args.command == "run":
+            pipeline.run(cfg, run_dir)
     return 0
+
+
+# Files that hold finished work: a directory holding one is never removed.
+WORK = ("*.safetensors", "*.tar", "*.jsonl", "results.json", "dataset.json")
+
+
+@contextlib.contextmanager
+def _undo_if_failed(out: Path) -> Iterator[None]:
+    """When a command refuses or fails before finishing any work, remove what it created in a
+    fresh output directory (``config.yaml``, empty folders, Tune's state), so a corrected rerun
+    starts clean and a refusal leaves nothing half-written."""
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        yield  # an existing run: resuming keeps everything
+        return
+    made = next((p for p in reversed((out, *out.parents)) if not p.exists()), None)
+    try:
+        yield
+    except BaseException:
+        if out.is_dir() and not any(f.is_file() for pattern in WORK for f in out.rglob(pattern)):
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            else:  # the directory existed empty: empty it again
+                for child in out.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -10,7 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .errors import ConfigError
 from .rundir import claim
+
+
+def check_dir(path: Path, what: str) -> None:
+    """Refuse a directory path that is a file or lies under one, before anything is written."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"lies under the file {p}"
+                raise ConfigError(f"{what} {path} {where}; expected a directory")
+            return
 
 
 def run_dir_for(cfg: Config, out: str | Path | None) -> Path:
@@ -22,10 +33,19 @@ def _is_local(location: str) -> bool:
 
 
 def ensure_data(cfg: Config) -> None:
-    """Prepare the shards when the data directory is local and not prepared yet."""
+    """Prepare the embedded digits when the data directory is local and not prepared yet; any other
+    source is prepared on purpose with `raydd data prepare` (a typo in data.dir must not start a
+    conversion into a new directory)."""
     loc = cfg.data.dir
-    if not _is_local(loc) or (Path(loc) / "dataset.json").exists():
+    if not _is_local(loc):
         return
+    check_dir(Path(loc), "data.dir")
+    if (Path(loc) / "dataset.json").exists():
+        return
+    if cfg.data.source != "digits":
+        src = f" --src {cfg.data.src}" if cfg.data.src else " --src RAW"
+        raise ConfigError(f"data.dir {loc} holds no prepared dataset (no dataset.json); prepare "
+                          f"{cfg.data.source} first: raydd data prepare {cfg.data.source}{src} --out {loc}")
     from .data import prepare
     print(f"[data] preparing {cfg.data.source} into {loc}", flush=True)
     t0 = time.time()

@@ -5,11 +5,19 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import socket
+import threading
+from typing import Any, Iterator
 
 from .config import RayConfig, Resources
 from .errors import ConfigError, RayddError
+
+CONNECT_TIMEOUT_S = 30   # joining a cluster; Ray alone retries an address without a cluster for 10+ minutes
+PROBE_TIMEOUT_S = 10     # the TCP probe of ray.address before Ray is asked
 
 
 def init_ray(rc: RayConfig | None = None) -> None:
@@ -36,10 +44,54 @@ def init_ray(rc: RayConfig | None = None) -> None:
     if rc.num_cpus is not None or rc.num_gpus is not None:
         raise ConfigError(f"ray.num_cpus/ray.num_gpus size a local Ray only; drop them or ray.address "
                           f"({rc.address!r}), whose resources are the cluster's")
+    _probe(rc.address)
     try:
-        ray.init(address=rc.address, **common)
+        with _deadline(CONNECT_TIMEOUT_S):
+            ray.init(address=rc.address, **common)
+    except _TimedOut:
+        raise RayddError(f"could not connect to Ray at ray.address={rc.address!r}: no Ray cluster answered "
+                         f"within {CONNECT_TIMEOUT_S} s; expected the address of a running head node "
+                         f"(`ray start --head` prints it)") from None
     except Exception as e:
         raise RayddError(f"could not connect to Ray at ray.address={rc.address!r}: {_first_line(e)}") from None
+
+
+def _probe(address: str) -> None:
+    """Refuse at once an address where nothing listens: Ray itself retries such a one for many minutes."""
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray resolves them (the deadline still bounds the wait)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e)).lower()
+        raise RayddError(f"could not connect to Ray at ray.address={address!r}: {why}; expected the address "
+                         f"of a running head node (`ray start --head` prints it)") from None
+
+
+class _TimedOut(BaseException):
+    """Not an Exception: Ray's connect loop retries on every Exception and would swallow it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Interrupt the body after ``seconds`` (main thread only; elsewhere the body runs unbounded).
+    Ray blocks in native code between retries, so the interrupt lands at its next retry."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def fire(signum: int, frame: Any) -> None:
+        raise _TimedOut()
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def private_token(path: str | os.PathLike | None = None) -> None:

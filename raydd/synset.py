@@ -42,6 +42,8 @@ class Synset:
         n = self.images.shape[0]
         if self.labels.shape != (n,):
             raise RayddError(f"synset labels have shape {tuple(self.labels.shape)}, expected ({n},)")
+        if n and int(self.labels.min()) < 0:
+            raise RayddError(f"synset labels go down to {int(self.labels.min())}; expected class indices >= 0")
         for key in ("images",) + OPTIONAL_KEYS:
             t = getattr(self, key)
             if t is None:
@@ -85,6 +87,9 @@ def load_synset(directory: str | Path) -> Synset:
     if not (directory / MANIFEST).exists():
         raise RayddError(f"no synset at {directory}: {MANIFEST} is missing (distillation not finished?)")
     doc = read_json(directory / MANIFEST)
+    if not isinstance(doc, dict):
+        raise RayddError(f"{directory / MANIFEST} holds a JSON {type(doc).__name__}; expected an object "
+                         f"with file, sha256 and num_classes")
     t = load_tensors(directory / doc.get("file", TENSOR_FILE), sha256=doc.get("sha256"))
     if "images" not in t or "labels" not in t:
         raise RayddError(f"{directory / TENSOR_FILE} lacks 'images' or 'labels'")

@@ -334,11 +334,13 @@ def load_teachers(run_dir: str | os.PathLike, *, expect_classes: int | None = No
     out = Path(run_dir) / TEACHERS_DIR
     if not (out / INDEX).is_file():
         raise RayddError(f"no teachers in {out}; train them first with `raydd teachers train CONFIG`")
-    records = read_json(out / INDEX).get("teachers") or []
+    doc = read_json(out / INDEX)
+    records = (doc.get("teachers") if isinstance(doc, dict) else None) or []
     if not records:
         raise RayddError(f"{out / INDEX} lists no finished teachers; train them with `raydd teachers train CONFIG`")
     models = []
-    for rec in records:
+    for i, rec in enumerate(records):
+        _check_record(rec, i, out / INDEX)
         name = Path(rec["file"]).stem
         shape = tuple(rec["shape"])
         if (expect_classes is not None and rec["num_classes"] != expect_classes) or \
@@ -358,3 +360,19 @@ def load_teachers(run_dir: str | os.PathLike, *, expect_classes: int | None = No
                              f"({str(e).strip().splitlines()[0]})") from None
         models.append(model.eval())
     return models, records
+
+
+RECORD_KEYS = {"file": str, "spec": str, "num_classes": int, "shape": list, "sha256": str}
+
+
+def _check_record(rec: Any, i: int, index: Path) -> None:
+    """A record edited or damaged by hand is an error naming the record and key, not a traceback."""
+    if not isinstance(rec, dict):
+        raise RayddError(f"{index}: teachers[{i}] is a JSON {type(rec).__name__}; expected an object")
+    for key, kind in RECORD_KEYS.items():
+        if key not in rec:
+            raise RayddError(f"{index}: teachers[{i}] lacks {key!r}; retrain with `raydd teachers train CONFIG`")
+        if not isinstance(rec[key], kind) or isinstance(rec[key], bool):
+            raise RayddError(f"{index}: teachers[{i}].{key} is {rec[key]!r}; expected a {kind.__name__}")
+    if len(rec["shape"]) != 3 or not all(isinstance(v, int) and v > 0 for v in rec["shape"]):
+        raise RayddError(f"{index}: teachers[{i}].shape is {rec['shape']!r}; expected [channels, height, width]")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import gzip
 import io
+import lzma
 import os
 import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -102,13 +104,23 @@ def _find_one(src: Path, stem: str, source: str) -> Path:
     raise DataError(f"--src {src} has no {stem}.gz; {_EXPECTED[source]}")
 
 
+def _one_line(e: BaseException) -> str:
+    """A decompression error in one line: tarfile's "r:*" lists every method it tried, one per line;
+    the first is gzip's."""
+    lines = [ln.strip(" -") for ln in str(e).splitlines() if ln.strip(" -")]
+    if len(lines) > 1 and lines[0].startswith("file could not be opened"):
+        return lines[1]
+    return " ".join(lines) or type(e).__name__
+
+
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
     """IDX format: 0x0000, dtype 0x08 (uint8), ndim, big-endian uint32 dims, then the data."""
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path} is not a readable {'gzip ' if path.suffix == '.gz' else ''}file ({e})") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is not a readable {'gzip ' if path.suffix == '.gz' else ''}file "
+                        f"({_one_line(e)})") from None
     head = 4 + 4 * ndim
     if len(data) < head or data[:2] != b"\0\0" or data[2] != 0x08 or data[3] != ndim:
         raise DataError(f"{path} is not a uint8 IDX file with {ndim} dimension(s)")
@@ -148,8 +160,8 @@ def _cifar(src: Path, folder: str, archive: str, members: list[str], source: str
                     name = info.name.rsplit("/", 1)[-1]
                     if info.isreg() and name in members and name not in raw:
                         raw[name] = tar.extractfile(info).read()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"{tar_path} is not a readable tar archive ({e})") from None
+        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+            raise DataError(f"{tar_path} is not a readable tar archive ({_one_line(e)})") from None
         missing = [m for m in members if m not in raw]
         if missing:
             raise DataError(f"{tar_path} lacks {', '.join(missing)}; {_EXPECTED[source]}")

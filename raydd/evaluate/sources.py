@@ -82,8 +82,11 @@ def prepare_sources(synset: str | Path | Synset, data: str, ecfg: EvalConfig, se
     syn_sha = read_json(syn_dir / MANIFEST).get("sha256") or tensor_digest(syn)
     if tuple(syn.shape) != shape:
         raise DataError(f"synset {syn_dir} holds {shape_text(syn.shape)} images but the data {data} is {shape_text(shape)}")
-    if syn.num_classes != classes or int(syn.labels.max()) >= classes:
+    if syn.num_classes != classes:
         raise DataError(f"synset {syn_dir} has {syn.num_classes} classes but the data {data} has {classes}")
+    if int(syn.labels.max()) >= classes:
+        raise DataError(f"synset {syn_dir} has labels up to {int(syn.labels.max())}, but the data {data} has "
+                        f"{classes} classes; expected labels in 0..{classes - 1}")
     per_class = torch.bincount(syn.labels, minlength=classes)
     ipc = max(1, round(syn.labels.numel() / classes))
     notes: list[str] = []
@@ -121,8 +124,9 @@ def prepare_sources(synset: str | Path | Synset, data: str, ecfg: EvalConfig, se
 
     fp = digest([data_fingerprint(info), zca["sha256"] if zca else None])
     sources: dict[str, dict[str, Any]] = {
-        "distilled": {"synset": str(syn_dir.resolve()), "features": None, "fingerprint": [syn_sha, fp]},
-        "random": {"synset": str((out / "random").resolve() / "seed-{seed}"), "features": None,
+        # templates filled with str.format(seed=…) in each trial: braces of the paths themselves are escaped
+        "distilled": {"synset": _literal(syn_dir.resolve()), "features": None, "fingerprint": [syn_sha, fp]},
+        "random": {"synset": _literal((out / "random").resolve()) + "/seed-{seed}", "features": None,
                    "fingerprint": [fp, teacher_sha]},
         "full": {"fingerprint": fp}}
 
@@ -154,3 +158,8 @@ def prepare_sources(synset: str | Path | Synset, data: str, ecfg: EvalConfig, se
             random_subset(out / "random" / f"seed-{seed}", info, fp, ipc, seed, teachers, teacher_sha,
                            feature_model if "elf" in random_modes else None, feature_sha, zca, progress)
     return Prepared(syn_dir, syn, syn_sha, info, ipc, runs, columns, notes, skip, sources)
+
+
+def _literal(path: Path) -> str:
+    """``path`` as a str.format template that yields ``path`` itself."""
+    return str(path).replace("{", "{{").replace("}", "}}")

@@ -5,11 +5,11 @@ function trainable that loads its data from disk itself (paths travel in the con
 tensors); what it trains on is prepared by :mod:`raydd.evaluate.sources`.
 
 Resuming: a trial is identified by (source, mode, arch, seed, lr) plus a hash of every setting
-that changes its result. Trials already in ``results.json`` are reused (those of other grids are kept
-there under ``other_trials``, outside the table); the rest form one Tune
-experiment named after their hash, so rerunning an interrupted sweep finds the same experiment
-and resumes it with ``Tuner.restore(..., resume_errored=True)`` — finished trials are not re-run.
-A changed grid only runs the new trials.
+that changes its result. The driver appends each trial to ``trials.jsonl`` (fsynced) the moment it
+finishes, so whatever kills the driver, no finished trial runs twice: trials found there or in
+``results.json`` are reused (those of other grids are kept under ``other_trials``, outside the
+table), and only the rest form this invocation's Tune experiment. A changed grid only runs the new
+trials. (Trials keep no checkpoints, so restoring a Tune experiment would resume nothing more.)
 """
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ from ..io import load_tensors, read_json
 from ..synset import Synset, load_synset
 from . import report
 from .baselines import real_test, real_train, run_zca, whitener
+from .journal import append_journal, read_journal
 from .protocol import evaluate_once
 from .sources import digest, prepare_sources
 
+TRIALS_FILE = "trials.jsonl"   # the journal of finished trials, beside results.json
 REPORTS_PER_PHASE = 50      # intermediate Tune results per training phase (progress, schedulers)
 # EvalConfig fields that choose *which* trials run or *where*, not what a trial computes.
 NOT_SETTINGS = {"archs", "modes", "mode_archs", "seeds", "lr", "arch_lr", "lr_search", "baselines",
@@ -72,8 +74,7 @@ def execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: 
             raise ConfigError(f"evaluate.baselines: {b!r} is invalid; expected random and/or full")
     trial_device = _trial_device(device, resources)
     out_dir = Path(out_dir).resolve()
-    storage = _storage(storage_path, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = _storage(storage_path, out_dir)  # out_dir itself is made by the first file written there
 
     zca = run_zca(*zca_of) if zca_of is not None else None
     prep = prepare_sources(synset, data, ecfg, seeds, baselines, teachers_dir, dsa_strategy, out_dir, resources,
@@ -109,20 +110,15 @@ def execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: 
                              **({"dsa": not ecfg.dsa} if flip else {})})[:16]
                 planned[label] = {"label": label, "source": source, "mode": mode, "arch": arch,
                                   "seed": seed, "lr": lr, "key": key, **({"dsa": not ecfg.dsa} if flip else {})}
-    previous, restore = _reusable(out_dir / "results.json")
-    # the same grid after a failure: restore its experiment (its finished trials come back from Tune);
-    # a changed grid runs only what is missing, reusing the failed experiment's finished trials too
-    kept = {k: t for k, t in previous.items() if t.get("experiment") != restore}
-    pending = [t for t in planned.values() if t["key"] not in kept]
-    if _experiment(name, pending) != restore:  # also when nothing is left to restore (None)
-        kept = previous
-        pending = [t for t in planned.values() if t["key"] not in kept]
-    reused = [dict(kept[t["key"]], label=t["label"]) for t in planned.values() if t["key"] in kept]
+    journal = out_dir / TRIALS_FILE
+    previous = _reusable(out_dir / "results.json", journal)
+    pending = [t for t in planned.values() if t["key"] not in previous]
+    reused = [dict(previous[t["key"]], label=t["label"]) for t in planned.values() if t["key"] in previous]
 
     experiment = None
     ran: list[dict[str, Any]] = []
     if pending:
-        experiment = _experiment(name, pending)
+        experiment = _experiment(name, pending, storage)
         ctx = {"data": prep.info.root, "ecfg": dataclasses.asdict(ecfg), "dsa_strategy": dsa_strategy,
                "device": trial_device, "cpus": resources.cpus, "shape": list(prep.info.shape),
                "num_classes": prep.info.num_classes, "sources": prep.sources,
@@ -132,7 +128,11 @@ def execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: 
                   flush=True)
         from ..raycluster import init_ray
         init_ray(ray_cfg)
-        ran = _run_tune(ctx, [t["label"] for t in pending], storage, experiment, resources, progress, scheduler)
+        ran = _run_tune(ctx, [t["label"] for t in pending], storage, experiment, resources, progress,
+                        scheduler, journal)
+        returned = {r["label"] for r in ran}
+        # trials Tune never started (an interrupted sweep) count as unfinished, so counts match the plan
+        ran += [dict(t, status="unfinished", error="") for t in pending if t["label"] not in returned]
         for r in ran:
             r["experiment"] = experiment
 
@@ -142,7 +142,7 @@ def execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: 
     # finished trials of other grids stay on file (not in the table), so narrowing a sweep loses nothing
     planned_keys = {t["key"] for t in planned.values()}
     meta = {"other_trials": [t for k, t in previous.items() if k not in planned_keys],
-            "complete": not failed, "pending_experiment": experiment if failed else None,
+            "complete": not failed,
             "synset": str(prep.synset_dir), "synset_sha256": prep.synset_sha, "ipc": prep.ipc,
             "seeds": seeds, "lrs": lrs, "storage_path": storage, "experiment": experiment}
     written = report.write_reports(out_dir, trials, archs=list(ecfg.archs), columns=prep.columns,
@@ -174,29 +174,45 @@ def _trial_device(device: str, res: Resources) -> str:
     return "cuda" if res.gpus > 0 else "cpu"
 
 
-def _reusable(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
-    """Finished trials of earlier sweeps by key, and the experiment a failed sweep left to restore."""
-    if not path.exists():
-        return {}, None
-    try:
-        doc = read_json(path)
-    except RayddError:
-        return {}, None
-    return ({t["key"]: t for t in doc.get("trials", []) + doc.get("other_trials", [])
-             if t.get("status") == "ok" and t.get("key")}, doc.get("pending_experiment"))
+def _reusable(results: Path, journal: Path) -> dict[str, dict[str, Any]]:
+    """Finished trials of earlier sweeps by key: the last report's, then any the journal adds (a
+    driver killed before writing its report)."""
+    records: list[dict[str, Any]] = []
+    if results.exists():
+        try:
+            doc = read_json(results)
+            records += doc.get("trials", []) + doc.get("other_trials", [])
+        except (RayddError, AttributeError, TypeError):  # unreadable: the journal still holds the trials
+            pass
+    records += read_journal(journal)
+    out: dict[str, dict[str, Any]] = {}
+    for t in records:
+        if isinstance(t, dict) and t.get("status") == "ok" and t.get("key"):
+            out.setdefault(t["key"], t)
+    return out
 
 
-def _experiment(name: str, pending: list[dict[str, Any]]) -> str:
-    """Named after its trials, so rerunning an interrupted sweep finds the same experiment."""
-    return f"{name}-{digest(sorted(t['key'] for t in pending))[:10]}"
+def _experiment(name: str, pending: list[dict[str, Any]], storage: str) -> str:
+    """Named after its trials; a fresh name when an earlier (killed) invocation left that one."""
+    from ray import tune
+
+    base = f"{name}-{digest(sorted(t['key'] for t in pending))[:10]}"
+    taken = lambda e: (Path(storage, e).exists() if "://" not in storage  # noqa: E731
+                       else tune.Tuner.can_restore(f"{storage.rstrip('/')}/{e}"))
+    n = 1
+    while taken(exp := base if n == 1 else f"{base}-{n}"):
+        n += 1
+    return exp
 
 
 def _storage(storage_path: str | None, out: Path) -> str:
-    """An absolute local path (created and probed for writing) or a URI left to Tune's filesystem."""
+    """An absolute local path (one given is created and probed for writing) or a URI left to Tune's
+    filesystem. The default, OUT/tune, is left to Tune to create: a refusal must not leave it behind."""
     if storage_path and "://" in storage_path:
         return storage_path
-    p = Path(storage_path).expanduser() if storage_path else out / "tune"
-    p = p.resolve()
+    if not storage_path:
+        return str((out / "tune").resolve())
+    p = Path(storage_path).expanduser().resolve()
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".write-probe-"):
@@ -208,7 +224,7 @@ def _storage(storage_path: str | None, out: Path) -> str:
 
 
 def _run_tune(ctx: dict[str, Any], labels: list[str], storage: str, experiment: str, res: Resources,
-              progress: bool, scheduler: Any) -> list[dict[str, Any]]:
+              progress: bool, scheduler: Any, journal: Path) -> list[dict[str, Any]]:
     import ray
     from ray import tune
 
@@ -223,40 +239,63 @@ def _run_tune(ctx: dict[str, Any], labels: list[str], storage: str, experiment: 
     # stays silent, leaving the per-trial lines of _trial_lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(eval_trainable, {"cpu": res.cpus, "gpu": res.gpus})
-    path = f"{storage.rstrip('/')}/{experiment}"
-    if tune.Tuner.can_restore(path):
-        if progress:
-            print(f"[evaluate] resuming the interrupted sweep {path}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(labels), "ctx": ctx},
-            # reuse_actors: a trial's worker keeps torch/timm imported for the next one (seconds each)
-            tune_config=tune.TuneConfig(max_concurrent_trials=min(slots, len(labels)), scheduler=scheduler,
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(storage_path=storage, name=experiment, verbose=0,
-                                      callbacks=[_trial_lines(len(labels))] if progress else [],
-                                      failure_config=tune.FailureConfig(max_failures=1),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    callbacks = [_journal(journal, ctx["trials"], experiment)] + ([_trial_lines(len(labels))] if progress else [])
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(labels), "ctx": ctx},
+        # reuse_actors: a trial's worker keeps torch/timm imported for the next one (seconds each)
+        tune_config=tune.TuneConfig(max_concurrent_trials=min(slots, len(labels)), scheduler=scheduler,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=storage, name=experiment, verbose=0, callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     grid = tuner.fit()
     out = []
     for r in grid:
         cfg = r.config or {}
-        trial = dict(cfg.get("ctx", {}).get("trials", {}).get(cfg.get("trial"), {}))
-        if not trial:
-            continue
-        m = r.metrics or {}
-        rec = {**trial, "trial_id": m.get("trial_id"), "started_at": m.get("started_at")}
-        if r.error is None and "test_acc" in m:
-            rec.update(status="ok", **{k: m[k] for k in ("test_acc", "train_loss_first", "train_loss_last",
-                                                          "epochs", "seconds", "teacher_acc", "elf_adapted")
-                                       if k in m})
-        else:
-            rec.update(status="error" if r.error is not None else "unfinished",
-                       error=_first_line(r.error) if r.error is not None else "")
-        out.append(rec)
+        trial = cfg.get("ctx", {}).get("trials", {}).get(cfg.get("trial"), {})
+        if trial:
+            out.append(_record(trial, r.metrics or {}, r.error))
     return out
+
+
+RESULT_KEYS = ("test_acc", "train_loss_first", "train_loss_last", "epochs", "seconds", "teacher_acc", "elf_adapted")
+
+
+def _record(trial: dict[str, Any], m: dict[str, Any], error: BaseException | None) -> dict[str, Any]:
+    """A trial's row: its plan, its Tune id and start time, and its result or why it has none."""
+    rec = {**trial, "trial_id": m.get("trial_id"), "started_at": m.get("started_at")}
+    if error is None and "test_acc" in m:
+        rec.update(status="ok", **{k: m[k] for k in RESULT_KEYS if k in m})
+    else:
+        rec.update(status="error" if error is not None else "unfinished",
+                   error=_first_line(error) if error is not None else "")
+    return rec
+
+
+def _journal(path: Path, plan: dict[str, dict[str, Any]], experiment: str) -> Any:
+    """A Tune callback appending each trial to ``path`` as soon as its final result reaches the driver."""
+    from ray import tune
+
+    class Journal(tune.Callback):
+        def __init__(self) -> None:
+            self.written: set[str] = set()
+
+        def _write(self, trial: Any, result: dict[str, Any] | None) -> None:
+            label = trial.config.get("trial")
+            if label in self.written or label not in plan or "test_acc" not in (result or {}):
+                return
+            append_journal(path, dict(_record(plan[label], result, None), experiment=experiment))
+            self.written.add(label)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("phase") == "done":
+                self._write(trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._write(trial, trial.last_result)
+
+    return Journal()
 
 
 def _trial_lines(total: int) -> Any:
