@@ -6,12 +6,20 @@ computed (resources, retries and the like may change between resumptions).
 """
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
+import time
 from pathlib import Path
 
 import yaml
 
 from .config import Config, flatten, refuse_mismatch
+from .errors import RayddError
 from .io import write_text
+
+LOCK_FILE = ".raydd.lock"
+_held: dict[str, int] = {}   # run directory -> fd of its lock, kept open for the process's life
 
 # Sections each stage depends on, and the outputs that show a section has been used.
 STAGE_SECTIONS = {
@@ -36,6 +44,7 @@ def claim(cfg: Config, run_dir: Path, stage: str) -> None:
     A section is compared only once outputs made with it exist; sections this stage does not
     depend on keep their recorded values, so the saved config always describes the outputs.
     """
+    lock(run_dir)
     saved_path = run_dir / "config.yaml"
     new = cfg.to_dict()
     if saved_path.exists():
@@ -62,3 +71,25 @@ def _with_defaults(saved: dict, defaults: dict) -> dict:
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _with_defaults(out[k], v)
     return out
+
+
+def lock(run_dir: Path) -> None:
+    """One process per run directory: an exclusive ``flock`` on ``RUN/.raydd.lock``, held until this
+    process exits (the OS releases it on a crash too). Linux's NFS client maps flock to NFS locks,
+    so stages launched on different nodes of a cluster over a shared run directory are kept apart
+    the same way. The file names its holder for the message of whoever is refused."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    if key in _held:
+        return
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RayddError(f"{run_dir} is in use by {holder}; wait for it to finish or use another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"raydd pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    _held[key] = fd
