@@ -180,5 +180,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, fragments, tmp_pa
         assert f in err, err
     if out not in before:  # a fresh --out is not even created
         assert not out.exists(), sorted(out.rglob("*"))
-    after = sorted(p for p in tmp_path.rglob("*") if p != out / "config.yaml")
-    assert after == [p for p in before if p != out / "config.yaml"]  # nothing else written anywhere
+    # an existing run directory keeps its claim (config.yaml) and the lock of the process that
+    # claimed it; nothing else is written anywhere
+    kept = {out / "config.yaml", out / ".raydd.lock"}
+    after = sorted(p for p in tmp_path.rglob("*") if p not in kept)
+    assert after == [p for p in before if p not in kept]
