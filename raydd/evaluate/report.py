@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..io import write_bytes, write_json, write_text
-from .scores import SCORES_NOTE, compute_scores, scores_markdown
+from .scores import SCORES_NOTE, compute_scores, scores_markdown, trial_dsa
 
 CSV_FIELDS = ("source", "arch", "mode", "seed", "lr", "dsa", "status", "test_acc", "train_loss_first",
               "train_loss_last", "epochs", "seconds", "teacher_acc", "elf_adapted", "key", "experiment",
@@ -155,7 +155,7 @@ def write_reports(out_dir: str | Path, trials: list[dict[str, Any]], *, archs: l
     # trials without a ``dsa`` field ran under the sweep's evaluate.dsa; the accuracy table shows
     # that setting only, the other one (run for ARS) enters the scores alone
     default_dsa = bool((config.get("evaluate") or {}).get("dsa", True))
-    agg = aggregate(t for t in trials if t.get("dsa") is None or bool(t["dsa"]) == default_dsa)
+    agg = aggregate(t for t in trials if trial_dsa(t, default_dsa) == default_dsa)
     table = table_markdown(agg, archs, columns, lr_search=lr_search, notes=notes,
                            seconds=seconds_per_trial(trials))
     experiment = (extra or {}).get("experiment")

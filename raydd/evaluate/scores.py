@@ -38,22 +38,22 @@ def normalise(x: float) -> float:
     return (math.exp(x) - math.exp(-1.0)) / (math.e - math.exp(-1.0))
 
 
+def trial_dsa(trial: dict[str, Any], default_dsa: bool = True) -> bool:
+    """Whether DSA was on in ``trial``: its ``dsa`` field, else the sweep's ``evaluate.dsa``."""
+    return bool(trial["dsa"]) if trial.get("dsa") is not None else bool(default_dsa)
+
+
 def mean_accuracies(trials: Iterable[dict[str, Any]], default_dsa: bool = True) -> dict[_Key, dict[str, Any]]:
-    """Mean ± population std of finished trials per (source, arch, mode, dsa), at the best-mean lr."""
-    groups: dict[tuple, list[float]] = {}
-    for t in trials:
-        if t.get("status") != "ok" or not isinstance(t.get("test_acc"), (int, float)):
-            continue
-        dsa = bool(t["dsa"]) if t.get("dsa") is not None else bool(default_dsa)
-        lr = float(t["lr"]) if t.get("lr") is not None else None
-        groups.setdefault((t["source"], t["arch"], t["mode"], dsa, lr), []).append(float(t["test_acc"]))
+    """Mean ± population std of finished trials per (source, arch, mode, dsa), at the best-mean lr:
+    the accuracy table's aggregate, once per augmentation setting."""
+    from .report import aggregate   # report imports this module
+
+    trials = [t for t in trials if isinstance(t.get("test_acc"), (int, float))]
     best: dict[_Key, dict[str, Any]] = {}
-    for (source, arch, mode, dsa, lr), accs in groups.items():
-        mean = sum(accs) / len(accs)
-        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))
-        key = (source, arch, mode, dsa)
-        if key not in best or mean > best[key]["mean"]:
-            best[key] = {"mean": mean, "std": std, "n": len(accs), "lr": lr}
+    for dsa in (True, False):
+        for r in aggregate(t for t in trials if trial_dsa(t, default_dsa) == dsa):
+            if r["best"]:
+                best[(r["source"], r["arch"], r["mode"], dsa)] = {k: r[k] for k in ("mean", "std", "n", "lr")}
     return best
 
 
