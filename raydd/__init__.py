@@ -6,6 +6,8 @@ Python API (the CLI calls the same functions)::
     cfg = raydd.load_config("configs/digits.yaml", ["distill.ipc=4"])
     result = raydd.distill(cfg, out="runs/digits")        # prepare data + teachers if needed, then APM
     table = raydd.sweep(synset="runs/digits/synset", archs=["convnet", "resnet18"], seeds=3)
+    syn = raydd.load_synset("runs/digits/synset")          # .images .pixels .labels .soft_labels
+    loader = syn.dataloader(64, augment="color_crop_cutout_scale_rotate", soft_labels=True)
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from .config import Config, load_config
 from .errors import ConfigError, DataError, RayddError
 
 __version__ = "0.1.0"
-__all__ = ["Config", "load_config", "distill", "sweep", "run", "RayddError", "ConfigError", "DataError"]
+__all__ = ["Config", "load_config", "distill", "sweep", "run", "load_synset", "RayddError", "ConfigError",
+           "DataError"]
 
 
 def _config(config: Config | str | Path, overrides: list[str] | None) -> Config:
@@ -42,6 +45,13 @@ def sweep(*args: Any, **kwargs: Any):
     """Ray Tune sweep over architectures × seeds × modes; see :func:`raydd.evaluate.sweep`."""
     from .evaluate import sweep as _sweep
     return _sweep(*args, **kwargs)
+
+
+def load_synset(directory: str | Path):
+    """A synset directory (``RUN/synset``) as a :class:`raydd.synset.Synset`: ``.images`` (normalised,
+    as stored), ``.pixels``, ``.labels``, ``.soft_labels``, ``.to_dataset()``, ``.dataloader()``."""
+    from .synset import load_synset as _load
+    return _load(directory)
 
 
 def run(config: Config | str | Path, out: str | Path | None = None, overrides: list[str] | None = None):

@@ -11,6 +11,14 @@ from typing import Iterator
 from .errors import RayddError
 
 DATA_SOURCES = ("digits", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet", "imagefolder")
+DESCRIPTION = """raydd distils a labelled image dataset into a few synthetic images per class with APM
+(adversarial prediction matching) on Ray, and evaluates them by training other architectures on them."""
+EXAMPLES = """example, on the embedded 8x8 digits (minutes on 2 CPU cores):
+  raydd run configs/digits.yaml            # teachers -> distillation -> evaluation, all in runs/digits/
+  raydd config show configs/digits.yaml --set distill.ipc=10     # the resolved config, every key
+  raydd export runs/digits/synset --format imagefolder --out digits-png   # PNGs by class + labels.csv
+and in Python:
+  syn = raydd.load_synset("runs/digits/synset"); loader = syn.dataloader(64, soft_labels=True)"""
 
 
 def _config_args(p: argparse.ArgumentParser, out: bool = True) -> None:
@@ -22,7 +30,9 @@ def _config_args(p: argparse.ArgumentParser, out: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raydd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="raydd", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="prepare datasets as WebDataset shards")
@@ -36,7 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="the model zoo")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    models_sub.add_parser("list", help="list the registered architectures")
+    models_list = models_sub.add_parser("list", help="list the registered architectures")
+    models_list.add_argument("--options", action="store_true", help="also each architecture's options")
+
+    config = sub.add_parser("config", help="inspect configs")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    _config_args(config_sub.add_parser("show", help="print the resolved config (every key, defaults too) as YAML"),
+                 out=False)
+
+    export = sub.add_parser("export", help="write a synset as PNG folders by class or as one .npz")
+    export.add_argument("synset", type=Path, help="synset directory, e.g. runs/digits/synset")
+    export.add_argument("--format", dest="fmt", choices=("imagefolder", "npz"), default="imagefolder",
+                        help="imagefolder: OUT/<class>/<index>.png + OUT/labels.csv; npz: one OUT file")
+    export.add_argument("--out", type=Path, required=True, help="output directory (imagefolder) or file (npz)")
+    export.add_argument("--dtype", choices=("uint8", "float32"), default="uint8",
+                        help="npz pixels: uint8 (as the PNGs) or float32 (exact, unclamped)")
 
     teachers = sub.add_parser("teachers", help="teacher pools")
     teachers_sub = teachers.add_subparsers(dest="teachers_command", required=True)
@@ -78,9 +102,21 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"{info['num_classes']} classes, shape {'×'.join(map(str, info['shape']))}")
         return 0
     if args.command == "models":
-        from .models import available
+        from .models import available, options
         for name, desc in available():
             print(f"{name:<22} {desc}")
+            if args.options:
+                for key, text in (options(name) if not name.startswith("timm:") else [TIMM_RESIZE]):
+                    print(f"{'':<4}{key:<18} {text}")
+        return 0
+    if args.command == "config":
+        from .config import load_config
+        print(load_config(args.config, args.overrides).to_yaml(), end="")
+        return 0
+    if args.command == "export":
+        from .export import export_synset
+        out = export_synset(args.synset, args.fmt, args.out, dtype=args.dtype)
+        print(f"{out}: {args.fmt} export of {args.synset}")
         return 0
 
     from . import pipeline
@@ -100,6 +136,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+TIMM_RESIZE = ("resize", "auto (up-sample to a size the model accepts), none, or N pixels; "
+               "other options go to timm.create_model")
+
+
+def _version() -> str:
+    """raydd's version beside torch's and Ray's, read from package metadata (nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+    deps = []
+    for dist in ("torch", "ray"):
+        try:
+            deps.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            deps.append(f"{dist} not installed")
+    return f"raydd {__version__} ({', '.join(deps)})"
+
+
 # Files that hold finished work: a directory holding one is never removed.
 WORK = ("*.safetensors", "*.tar", "*.jsonl", "results.json", "dataset.json")
 
@@ -111,13 +165,16 @@ def _undo_if_failed(out: Path) -> Iterator[None]:
     starts clean and a refusal leaves nothing half-written."""
     out = Path(out)
     if out.is_dir() and any(out.iterdir()):
-        yield  # an existing run: resuming keeps everything
+        with _keep_claim_if_failed(out):  # an existing run: resuming keeps everything
+            yield
         return
     made = next((p for p in reversed((out, *out.parents)) if not p.exists()), None)
     try:
         yield
     except BaseException:
-        if out.is_dir() and not any(f.is_file() for pattern in WORK for f in out.rglob(pattern)):
+        if out.is_dir() and not _work(out):
+            from .rundir import release
+            release(out)  # unlocked before the lock file goes
             if made is not None:
                 shutil.rmtree(made, ignore_errors=True)
             else:  # the directory existed empty: empty it again
@@ -126,6 +183,28 @@ def _undo_if_failed(out: Path) -> Iterator[None]:
                         shutil.rmtree(child, ignore_errors=True)
                     else:
                         child.unlink(missing_ok=True)
+        raise
+
+
+def _work(out: Path) -> dict[Path, int]:
+    return {f: f.stat().st_mtime_ns for pattern in WORK for f in out.rglob(pattern) if f.is_file()}
+
+
+@contextlib.contextmanager
+def _keep_claim_if_failed(out: Path) -> Iterator[None]:
+    """A refusal after the stage's claim rewrote ``RUN/config.yaml`` puts the earlier one back (or
+    removes a new one), as long as no finished work was written since: it still describes the run."""
+    saved = out / "config.yaml"
+    before, work = (saved.read_bytes() if saved.is_file() else None), _work(out)
+    try:
+        yield
+    except BaseException:
+        if _work(out) == work:
+            from .io import write_bytes
+            if before is None:
+                saved.unlink(missing_ok=True)
+            elif not saved.is_file() or saved.read_bytes() != before:
+                write_bytes(saved, before)
         raise
 
 

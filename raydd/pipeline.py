@@ -67,8 +67,23 @@ def stage_teachers(cfg: Config, run_dir: Path) -> list[dict]:
     return records
 
 
+def stage_auxiliaries(cfg: Config, run_dir: Path) -> list[dict]:
+    """MetaDD's auxiliary pool (``distill.metadd.enabled``), trained like the teachers."""
+    claim(cfg, run_dir, "auxiliaries")
+    ensure_data(cfg)
+    from .auxiliaries import train_auxiliaries
+    t0 = time.time()
+    records = train_auxiliaries(cfg, run_dir)
+    accs = ", ".join(f"{r['spec']} {r['test_acc']:.2%}" for r in records)
+    print(f"[auxiliaries] {len(records)} in {run_dir / 'auxiliaries'}: {accs} ({time.time() - t0:.1f}s)",
+          flush=True)
+    return records
+
+
 def stage_distill(cfg: Config, run_dir: Path):
     ensure_data(cfg)
+    if cfg.distill.metadd.enabled and not (run_dir / "auxiliaries" / "auxiliaries.json").exists():
+        stage_auxiliaries(cfg, run_dir)   # `raydd distill` alone: the pool first
     from .distillation import run_distill
     result = run_distill(cfg, run_dir)
     print(f"[distill] synset: {result.synset_dir} (grid: {result.grid_path})", flush=True)
@@ -88,8 +103,15 @@ def stage_evaluate(cfg: Config, run_dir: Path, synset_dir: Path | None = None):
 def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """The whole job; every stage resumes or skips what ``run_dir`` already holds."""
     t0 = time.time()
+    metadd = cfg.distill.metadd.enabled
+    if metadd:   # a bad auxiliary spec is refused before any work
+        from .auxiliaries import check_auxiliaries
+        from .data import load_info
+        ensure_data(cfg)
+        check_auxiliaries(cfg, load_info(cfg.data.dir))
     teachers = stage_teachers(cfg, run_dir)
+    auxiliaries = stage_auxiliaries(cfg, run_dir) if metadd else None
     distilled = stage_distill(cfg, run_dir)
     evaluated = stage_evaluate(cfg, run_dir)
     print(f"[run] finished in {time.time() - t0:.1f}s → {run_dir}", flush=True)
-    return {"teachers": teachers, "distill": distilled, "evaluate": evaluated}
+    return {"teachers": teachers, "auxiliaries": auxiliaries, "distill": distilled, "evaluate": evaluated}

@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 from .config import RayConfig, Resources
@@ -40,6 +43,7 @@ def init_ray(rc: RayConfig | None = None) -> None:
         except Exception as e:  # Ray raises assorted types when the local start fails
             raise RayddError(f"could not start a local Ray instance: {_first_line(e)}") from None
         private_token()
+        _record_local_ray()
         return
     if rc.num_cpus is not None or rc.num_gpus is not None:
         raise ConfigError(f"ray.num_cpus/ray.num_gpus size a local Ray only; drop them or ray.address "
@@ -116,3 +120,143 @@ def task_threads(res: Resources) -> int:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------- orphans of a killed driver
+# A local Ray's GCS and raylet die with the driver that started them (the kernel's parent-death
+# signal), but a SIGKILLed driver leaves the raylet's DashboardAgent and RuntimeEnvAgent running,
+# listening on ports, for a minute or more. raydd records every process of a local Ray it starts in
+# the run directories this process holds (RUN/.raydd-ray.json); whoever claims such a directory next
+# stops the recorded processes of a driver that is dead. A process is identified by pid *and* start
+# time on the same host and boot, so a reused pid, a live run, or a Ray cluster started by anyone
+# else (`ray start`, another program's ray.init) is never touched.
+RAY_RECORD = ".raydd-ray.json"
+_held_dirs: list[Path] = []          # run directories this process holds (rundir.lock)
+_local_ray: dict | None = None       # the record of the local Ray this process started
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]) if fields[0] != b"Z" else None   # a zombie is dead already
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _proc(pid: int) -> dict[str, Any] | None:
+    start = _start_time(pid)
+    if start is None:
+        return None
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmd = ""
+    return {"pid": pid, "start": start, "cmd": cmd[:160]}
+
+
+def _alive(p: dict[str, Any]) -> bool:
+    return _start_time(int(p["pid"])) == p.get("start")
+
+
+def _record_local_ray() -> None:
+    """Right after a local start every Ray process is a descendant of this driver: record them."""
+    global _local_ray
+    if not os.path.isdir("/proc"):
+        return
+    session = _session()
+    procs = [p for p in map(_proc, _descendants(os.getpid())) if p is not None and "ray" in p["cmd"]]
+    _local_ray = {"driver": _proc(os.getpid()), "host": socket.gethostname(), "boot_id": _boot_id(),
+                  "session_dir": session, "processes": procs}
+    for run_dir in _held_dirs:
+        _write_record(run_dir)
+
+
+def _session() -> str | None:
+    try:
+        import ray
+        return ray._private.worker._global_node.get_session_dir_path()
+    except Exception:   # a private API: the record works without the session's name
+        return None
+
+
+def _write_record(run_dir: Path) -> None:
+    from .io import write_json
+    if not run_dir.is_dir():
+        return
+    try:
+        write_json(run_dir / RAY_RECORD, _local_ray)
+    except OSError:
+        pass   # a best-effort aid to the next run; never a reason to fail this one
+
+
+def adopt_run_dir(run_dir: Path) -> None:
+    """Called once this process holds ``run_dir``'s lock: stop what a dead driver of it left, and record
+    the local Ray of this process there (now, or when it starts)."""
+    reap_orphans(run_dir)
+    _held_dirs.append(run_dir)
+    if _local_ray is not None and "ray" in sys.modules and sys.modules["ray"].is_initialized() \
+            and _session() == _local_ray["session_dir"]:   # still the Ray this process started
+        _write_record(run_dir)
+
+
+def forget_run_dir(run_dir: Path) -> None:
+    """``run_dir`` is no longer held (rundir.release): record nothing more there."""
+    _held_dirs[:] = [d for d in _held_dirs if d != run_dir]
+
+
+def reap_orphans(run_dir: Path) -> list[int]:
+    """SIGKILL the still-running processes of the local Ray recorded in ``run_dir`` if the driver that
+    started it is dead; returns their pids. A record of a live driver or another host is left alone."""
+    path = Path(run_dir) / RAY_RECORD
+    try:
+        rec = json.loads(path.read_text())
+        driver, procs = rec["driver"], list(rec["processes"])
+        same_machine = rec.get("host") == socket.gethostname() and rec.get("boot_id") == _boot_id()
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError):
+        path.unlink(missing_ok=True)   # torn or edited: nothing in it can be trusted
+        return []
+    if not same_machine or driver is None or _alive(driver):
+        return []
+    killed = []
+    for p in procs:
+        if isinstance(p, dict) and isinstance(p.get("pid"), int) and p["pid"] != os.getpid() and _alive(p):
+            try:
+                os.kill(p["pid"], signal.SIGKILL)
+                killed.append(p["pid"])
+            except OSError:     # gone meanwhile, or not ours to signal
+                pass
+    if killed:
+        print(f"raydd: stopped {len(killed)} Ray processes left by the killed raydd driver pid {driver['pid']} "
+              f"of {run_dir} (session {rec.get('session_dir')}): pids {' '.join(map(str, killed))}",
+              file=sys.stderr, flush=True)
+    path.unlink(missing_ok=True)
+    return killed

@@ -17,6 +17,7 @@ import yaml
 from .config import Config, flatten, refuse_mismatch
 from .errors import RayddError
 from .io import write_text
+from .raycluster import adopt_run_dir, forget_run_dir
 
 LOCK_FILE = ".raydd.lock"
 _held: dict[str, int] = {}   # run directory -> fd of its lock, kept open for the process's life
@@ -24,11 +25,12 @@ _held: dict[str, int] = {}   # run directory -> fd of its lock, kept open for th
 # Sections each stage depends on, and the outputs that show a section has been used.
 STAGE_SECTIONS = {
     "teachers": ("data", "teachers"),
-    "distill": ("data", "teachers", "distill"),
+    "distill": ("data", "teachers", "distill", "auxiliaries"),
+    "auxiliaries": ("data", "teachers", "auxiliaries"),   # MetaDD's pool: the teachers' recipe
     "evaluate": ("data",),
 }
 SECTION_OUTPUTS = {"data": ("teachers", "distill", "synset"), "teachers": ("teachers",),
-                   "distill": ("distill", "synset")}
+                   "distill": ("distill", "synset"), "auxiliaries": ("auxiliaries",)}
 
 
 def _ignored(key: str) -> bool:
@@ -93,3 +95,14 @@ def lock(run_dir: Path) -> None:
     os.pwrite(fd, f"raydd pid {os.getpid()} on {socket.gethostname()} since "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     _held[key] = fd
+    adopt_run_dir(run_dir)   # stop the Ray processes a killed driver of this run left; record ours
+
+
+def release(run_dir: Path) -> None:
+    """Let go of ``run_dir``'s lock (before its directory is removed: a lock file deleted while held
+    would let the next process lock a new file while this one still believes it holds the directory)."""
+    fd = _held.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    forget_run_dir(Path(run_dir))

@@ -207,8 +207,8 @@ def start_service(source: Any, *, name: str, resources: Resources | None = None,
                                                  threads=max(1, int(res.cpus)), window_s=window_s)
 
 
-class RayService:
-    """Client of a service actor with :class:`LocalService`'s interface; pickles as its handle."""
+class ActorClient:
+    """A service actor's handle, with its model count asked once; pickles as its handle."""
 
     def __init__(self, handle: Any):
         self.handle = handle
@@ -220,6 +220,13 @@ class RayService:
             self._num_models = ray.get(self.handle.num_models.remote())
         return self._num_models
 
+    def stats(self) -> dict:
+        return ray.get(self.handle.stats.remote())
+
+
+class RayService(ActorClient):
+    """Client of a service actor with :class:`LocalService`'s interface."""
+
     def logits(self, x: Tensor, model: int) -> Tensor:
         return _tensor(self.handle.logits.remote(_array(x), model), x)
 
@@ -228,9 +235,6 @@ class RayService:
 
     def features(self, x: Tensor, tap: str, model: int) -> Tensor:
         return _tensor(self.handle.features.remote(_array(x), tap, model), x)
-
-    def stats(self) -> dict:
-        return ray.get(self.handle.stats.remote())
 
 
 def _array(t: Tensor) -> np.ndarray:

@@ -24,6 +24,7 @@ from .config import Config
 from .errors import ConfigError, RayddError
 from .data.zca import ZCA, ensure_zca
 from .io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from .tracking import Curves, curves_dir, epoch_logger
 from .train import accuracy, resolve_device, set_threads, train_classifier
 
 TEACHERS_DIR = "teachers"
@@ -70,11 +71,12 @@ def _streamed(info, batch_size: int, seed: int, whiten: Callable, read: dict) ->
 
 def train_one_teacher(spec: str, info, seed: int, recipe: Recipe, *, zca: ZCA | None = None,
                       device: str | torch.device = "cpu", verify: bool = True, on_corrupt: str = "fail",
-                      progress: Callable[[int, float], None] | None = None
+                      progress: Callable[[int, float], None] | None = None, curves: Curves | None = None
                       ) -> tuple[dict[str, torch.Tensor], float]:
     """Train one ``spec`` classifier on ``info``'s train split; returns (CPU state dict, test accuracy).
 
-    ``seed`` fixes the initial weights, the shuffling and the augmentation.
+    ``seed`` fixes the initial weights, the shuffling and the augmentation. ``curves`` receives the
+    training loss per epoch and the test accuracy at a few epochs (measuring changes no weight).
     """
     from .data import batches, load_split
     from .models import build
@@ -92,12 +94,16 @@ def train_one_teacher(spec: str, info, seed: int, recipe: Recipe, *, zca: ZCA | 
         data: Any = (whiten(x).to(device), y.to(device))
     else:
         data = _streamed(info, recipe.batch_size, seed, whiten, read)
+    test = lambda: ((whiten(xb), yb) for xb, yb in batches(info, "test", TEST_BATCH, **read))  # noqa: E731
+    if curves is not None:
+        progress = epoch_logger(curves, lambda: accuracy(model, test(), device), recipe.epochs, progress)
     train_classifier(model, data, epochs=recipe.epochs, lr=recipe.lr, momentum=recipe.momentum,
                      weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
                      dsa=DSA(recipe.dsa) if recipe.dsa else None, device=device,
                      generator=generator, progress=progress)
-    test = ((whiten(xb), yb) for xb, yb in batches(info, "test", TEST_BATCH, **read))
-    acc = accuracy(model, test, device)
+    acc = accuracy(model, test(), device)
+    if curves is not None:
+        curves.log(recipe.epochs, {"test_acc": acc})
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return state, acc
 
@@ -105,16 +111,18 @@ def train_one_teacher(spec: str, info, seed: int, recipe: Recipe, *, zca: ZCA | 
 # ---------------------------------------------------------------------------- Ray orchestration
 
 def _teacher_task(index: int, spec: str, seed: int, recipe: dict, data_dir: str, read: dict,
-                  device: str, threads: int, zca_state: dict | None, tracker) -> Any:
-    """One Ray task. User errors come back as a string, because retrying them cannot help."""
+                  device: str, threads: int, zca_state: dict | None, tracker, curves_at: str, tracking) -> Any:
+    """One Ray task. User errors come back as a string, because retrying them cannot help.
+    Its curves start afresh at every attempt, as its training does."""
     set_threads(threads)
     from .data import load_info
     start, cpu_start = time.time(), time.process_time()
     try:
-        state, acc = train_one_teacher(
-            spec, load_info(data_dir), seed, Recipe(**recipe),
-            zca=ZCA.from_state(zca_state) if zca_state else None, device=device, **read,
-            progress=lambda epoch, loss: tracker.update.remote(index, epoch))
+        with Curves(curves_at, tracking=tracking, group="teachers", params={"spec": spec, "seed": seed}) as curves:
+            state, acc = train_one_teacher(
+                spec, load_info(data_dir), seed, Recipe(**recipe),
+                zca=ZCA.from_state(zca_state) if zca_state else None, device=device, **read,
+                progress=lambda epoch, loss: tracker.update.remote(index, epoch), curves=curves)
     except RayddError as e:
         return str(e)
     return state, acc, time.time() - start, time.process_time() - cpu_start
@@ -271,7 +279,9 @@ def train_teachers(cfg: Config, run_dir: str | os.PathLike, *, progress: bool = 
     zca_ref = ray.put(zca.state_dict()) if zca is not None else None
     read = {"verify": cfg.data.verify, "on_corrupt": cfg.data.on_corrupt}
     pending = {task.remote(i, spec, wanted[i]["seed"], asdict(recipe), cfg.data.dir, read, device,
-                           task_threads(res), zca_ref, tracker): i for i in todo}
+                           task_threads(res), zca_ref, tracker,
+                           str(curves_dir(Path(run_dir).resolve(), TEACHERS_DIR, teacher_name(i))), cfg.tracking): i
+               for i in todo}
     bar = _Progress(progress, todo, tc.epochs)
     failures: list[str] = []
     try:

@@ -74,10 +74,24 @@ def _teachers_without_shape(run):
     return str(run)
 
 
-def _imagefolder(tmp, counts):
+def _existing_run(out, digits, **sections):
+    """A run directory claimed earlier by the digits config (no outputs yet); returns it."""
+    import yaml
+
+    from raydd.config import load_config
+    cfg = load_config("configs/digits.yaml", [f"data.dir={digits}"]).to_dict()
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(yaml.safe_dump({**cfg, **sections}, sort_keys=False))
+    return str(out)
+
+
+def _imagefolder(tmp, counts, val=None):
+    """Classes a, b with ``counts`` images in train/ and ``val`` (default the same) in val/; None: no folder."""
     from PIL import Image
-    for split in ("train", "val"):
-        for c, n in zip("ab", counts):
+    for split, ns in (("train", counts), ("val", val or counts)):
+        for c, n in zip("ab", ns):
+            if n is None:
+                continue
             d = tmp / "folder" / split / c
             d.mkdir(parents=True)
             for i in range(n):
@@ -106,6 +120,14 @@ CASES = [
                                                "distill.momentum_img=-0.1", "--out", o], ["distill.momentum_img"]),
     ("evaluate momentum 7", lambda t, d, o: ["evaluate", "configs/digits.yaml", "--set", "evaluate.momentum=7",
                                              "--out", o], ["evaluate.momentum"]),
+    ("unknown pool activation", lambda t, d, o: ["distill", "configs/digits.yaml", "--set",
+                                                 "distill.pool.activations=[nosuch]", "--out", o],
+     ["distill.pool.activations[0]"]),
+    ("unknown pool norm", lambda t, d, o: ["distill", "configs/digits.yaml", "--set",
+                                           "distill.pool.norms=[batch,nosuch]", "--out", o], ["distill.pool.norms[1]"]),
+    ("service max_restarts -2", lambda t, d, o: ["distill", "configs/digits.yaml", "--set",
+                                                 "distill.service.max_restarts=-2", "--out", o],
+     ["distill.service.max_restarts"]),
     ("ray num_cpus -3", lambda t, d, o: ["run", "configs/digits.yaml", "--set", "ray.num_cpus=-3", "--out", o],
      ["ray.num_cpus"]),
     ("name escaping runs/", lambda t, d, o: ["run", "configs/digits.yaml", "--set", "name=../../escape"],
@@ -125,6 +147,12 @@ CASES = [
                                                     "--out", o], ["train-images-idx3-ubyte.gz", "invalid block"]),
     ("imagefolder empty class", lambda t, d, o: ["data", "prepare", "imagefolder", "--image-size", "8",
                                                  "--src", str(_imagefolder(t, [3, 0])), "--out", o], ["b"]),
+    ("imagefolder empty val class", lambda t, d, o: ["data", "prepare", "imagefolder", "--image-size", "8", "--src",
+                                                     str(_imagefolder(t, [3, 3], val=[2, 0])), "--out", o],
+     ["val/b holds no images"]),
+    ("imagefolder val lacks a class", lambda t, d, o: ["data", "prepare", "imagefolder", "--image-size", "8", "--src",
+                                                       str(_imagefolder(t, [3, 3], val=[2, None])), "--out", o],
+     ["val/b", "lacks the class folder"]),
     ("synset manifest a list", lambda t, d, o: ["evaluate", "configs/digits.yaml", "--set", f"data.dir={d}", *TINY,
                                                 "--synset", str(_synset(t / "syn", d, manifest=[])), "--out", o],
      ["manifest.json"]),
@@ -159,6 +187,12 @@ CASES = [
                                                             str(_synset(t / "syn", d)), "--out",
                                                             _teachers_without_shape(Path(o))],
      ["teachers.json", "teachers[0]", "'shape'"]),
+    ("refused after the claim of an existing run", lambda t, d, o: [
+        "teachers", "train", "configs/digits.yaml", "--set", "data.source=cifar10", "--set",
+        f"data.dir={t / 'nodata'}", *TINY, "--out", _existing_run(Path(o), d)], ["data.dir", "raydd data prepare"]),
+    ("refused after the claim of a fresh run", lambda t, d, o: [
+        "teachers", "train", "configs/digits.yaml", "--set", "data.source=cifar10", "--set",
+        f"data.dir={t / 'nodata'}", *TINY, "--out", o], ["data.dir", "raydd data prepare"]),
     ("unreachable ray.address", lambda t, d, o: ["teachers", "train", "configs/digits.yaml", "--set",
                                                  f"data.dir={d}", *TINY, "--set", "ray.num_cpus=null",
                                                  "--set", "ray.address=127.0.0.1:1", "--out", o], ["127.0.0.1:1"]),
@@ -171,6 +205,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, fragments, tmp_pa
     out = tmp_path / "out"
     args = argv(tmp_path, digits, str(out))
     before = sorted(p for p in tmp_path.rglob("*"))
+    saved = (out / "config.yaml").read_bytes() if (out / "config.yaml").exists() else None
     capsys.readouterr()
     code = main(args)
     err = capsys.readouterr().err.strip()
@@ -180,8 +215,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, fragments, tmp_pa
         assert f in err, err
     if out not in before:  # a fresh --out is not even created
         assert not out.exists(), sorted(out.rglob("*"))
-    # an existing run directory keeps its claim (config.yaml) and the lock of the process that
-    # claimed it; nothing else is written anywhere
-    kept = {out / "config.yaml", out / ".raydd.lock"}
+    # an existing run directory keeps its earlier claim (config.yaml, byte for byte, or none) even when
+    # the refusal came after this command's claim, and the lock file of the process that claimed it;
+    # nothing else is written anywhere
+    assert ((out / "config.yaml").read_bytes() if (out / "config.yaml").exists() else None) == saved
+    kept = {out / ".raydd.lock"}
     after = sorted(p for p in tmp_path.rglob("*") if p not in kept)
     assert after == [p for p in before if p not in kept]

@@ -80,3 +80,68 @@ def test_run_chains_all_stages_and_resumes(tmp_path, digits):
     again = raydd(*args)
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
+
+
+# ---------------------------------------------------------------------------- a command line that explains itself
+def test_version_and_help_with_an_example():
+    import raydd as pkg
+    proc = raydd("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith(f"raydd {pkg.__version__} (torch "), proc.stdout
+    from raydd.cli import build_parser
+    text = build_parser().format_help()
+    assert "example" in text and "raydd run configs/digits.yaml" in text and "load_synset" in text
+
+
+def _main(capsys, *argv):
+    from raydd.cli import main
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_config_show_prints_every_key_with_defaults_and_overrides(tmp_path, capsys):
+    import yaml
+
+    from raydd.config import Config, flatten
+    (tmp_path / "c.yaml").write_text("name: shown\n")
+    code, out, _ = _main(capsys, "config", "show", str(tmp_path / "c.yaml"))
+    shown = flatten(yaml.safe_load(out))
+    assert code == 0 and set(shown) == set(flatten(Config().to_dict())) and shown["name"] == "shown"
+    assert shown["distill.lr_img"] == Config().distill.lr_img == 1.0     # a default, printed
+    code, out, _ = _main(capsys, "config", "show", str(tmp_path / "c.yaml"), "--set", "distill.lr_img=1e-3",
+                         "--set", "distill.ipc=7")
+    shown = flatten(yaml.safe_load(out))
+    assert shown["distill.ipc"] == 7
+    assert isinstance(shown["distill.lr_img"], float) and shown["distill.lr_img"] == 0.001
+
+
+def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
+    from raydd.config import load_config
+    (tmp_path / "c.yaml").write_text("distill:\n  lr_img: 1e-3\n  lr_net: 5E-2\n")
+    cfg = load_config(tmp_path / "c.yaml", ["distill.alpha=2e-1"])
+    assert (cfg.distill.lr_img, cfg.distill.lr_net, cfg.distill.alpha) == (0.001, 0.05, 0.2)
+    assert all(type(v) is float for v in (cfg.distill.lr_img, cfg.distill.lr_net, cfg.distill.alpha))
+    assert load_config(None, ["name=1e3x"]).name == "1e3x" and load_config(None, ["distill.ipc=12"]).distill.ipc == 12
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndistill:\n  ipc: 2\n   rounds: 3\n")
+    code, _, err = _main(capsys, "config", "show", str(bad))
+    assert code == 2 and err.count("\n") == 1 and str(bad) in err and "line 4" in err, err
+    (tmp_path / "dup.yaml").write_text("distill:\n  ipc: 2\n  ipc: 3\n")
+    code, _, err = _main(capsys, "config", "show", str(tmp_path / "dup.yaml"))
+    assert code == 2 and "duplicate key 'ipc'" in err and "line 3" in err, err
+
+
+def test_models_list_options(capsys):
+    code, out, _ = _main(capsys, "models", "list", "--options")
+    lines = out.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("convnet ")))
+    opts = {line.split()[0]: line for line in lines[at + 1:at + 6]}
+    assert code == 0 and set(opts) == {"width", "depth", "norm", "act", "pool"}
+    assert "(default 128)" in opts["width"] and "instance" in opts["norm"]
+    mlp = lines.index(next(line for line in lines if line.startswith("mlp ")))
+    assert lines[mlp + 1].split()[0] == "width" and not lines[mlp + 3].startswith(" ")   # mlp: width, depth
+    code, plain, _ = _main(capsys, "models", "list")
+    assert not any(line.startswith(" ") for line in plain.splitlines())

@@ -100,6 +100,61 @@ def test_write_reports_without_scores(tmp_path):
     assert "Honest scores" not in out["md"].read_text()
 
 
+def test_plot_is_zoomed_to_the_data_with_reference_lines():
+    trials = [_trial("distilled", "convnet", "soft", 0, 0.78), _trial("distilled", "convnet", "soft", 1, 0.82),
+              _trial("random", "convnet", "soft", 0, 0.84), _trial("full", "convnet", "hard", 0, 0.90),
+              _trial("distilled", "mlp", "soft", 0, 0.81)]
+    cols = [("distilled", "soft"), ("random", "soft"), ("full", "hard")]
+    teachers = [{"spec": "convnet", "test_acc": 0.95}, {"spec": "convnet", "test_acc": 0.97}]
+    fig = report.plot_figure(report.aggregate(trials), ["convnet", "mlp"], cols, "t", teachers)
+    ax = fig.axes[0]
+    # data 78..96 (bars 80 ± 2, 84, 81; full 90; teachers 96): a margin either side, not 0-100
+    assert ax.get_ylim() == (75.0, 100.0)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]   # bars first, then the reference lines
+    assert labels == ["distilled · soft", "random · soft", "full data · hard", "teachers · convnet (2): 96.0"]
+    assert [round(b.get_height(), 6) for b in ax.patches] == [80.0, 81.0, 84.0]   # full data is no bar
+    assert any(line.get_ydata()[0] == pytest.approx(96.0) for line in ax.get_lines())
+    bars_only = report.plot_figure(report.aggregate(trials[:3]), ["convnet"], cols[:2]).axes[0]
+    assert bars_only.get_ylim() == (75.0, 85.0)   # 78..84, a margin of at least 1 point, on a 5-grid
+    assert report.zoomed_limits([]) == (0.0, 100.0) and report.zoomed_limits([0.5, 99.5]) == (0.0, 100.0)
+
+
+def test_each_evaluation_keeps_its_own_report_and_the_index_lists_all(tmp_path):
+    out = tmp_path / "eval"
+    (tmp_path / "teachers").mkdir()
+    (tmp_path / "teachers" / "teachers.json").write_text(json.dumps(
+        {"teachers": [{"spec": "convnet", "test_acc": 0.9}]}))
+    first = [_trial("distilled", "convnet", "soft", s, a) for s, a in ((0, 0.8), (1, 0.7))]
+    second = [_trial("distilled", "mlp", "hard", 0, 0.6, lr=0.1)]
+    a = report.write_reports(out, first, archs=["convnet"], columns=[("distilled", "soft")],
+                             config={"evaluate": {"epochs": 10, "lr": 0.01}}, seconds=1.0, notes=[],
+                             extra={"seeds": [0, 1], "lrs": [0.01], "ipc": 2, "synset": "S1"})
+    b = report.write_reports(out, second, archs=["mlp"], columns=[("distilled", "hard")],
+                             config={"evaluate": {"epochs": 20, "lr": 0.1}}, seconds=1.0, notes=[],
+                             extra={"seeds": [0], "lrs": [0.1], "ipc": 2, "synset": "S1"})
+    assert a["report_dir"] != b["report_dir"] and a["report_dir"].parent == out / "reports"
+    md_a, md_b = (r["report_dir"] / "results.md" for r in (a, b))
+    assert "| convnet | 75.00 ± 5.00 (2) |" in md_a.read_text() and "mlp" not in md_a.read_text()
+    assert "| mlp | 60.00 ± 0.00 (1) |" in md_b.read_text()
+    assert (a["report_dir"] / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert (a["report_dir"] / "plot.png").read_bytes() != (b["report_dir"] / "plot.png").read_bytes()
+    assert "| mlp | 60.00" in (out / "results.md").read_text()       # the latest, where it always was
+    assert json.loads((out / "results.json").read_text())["report"] == b["report_dir"].name
+    index = (out / "index.md").read_text().splitlines()
+    rows = [line for line in index if line.startswith("| [")]
+    assert len(rows) == 2 and rows[0].startswith(f"| [{b['report_dir'].name}](reports/{b['report_dir'].name}/")
+    assert "| S1 | 2 | mlp | hard | 0 | 20 | 0.1 |" in rows[0]
+    assert "| S1 | 2 | convnet | soft | 0, 1 | 10 | 0.01 |" in rows[1] and "| 2/2 |" in rows[1]
+    # the first evaluation again (a rerun): its own report is updated, not a third one added
+    again = report.write_reports(out, first, archs=["convnet"], columns=[("distilled", "soft")],
+                                 config={"evaluate": {"epochs": 10, "lr": 0.01}}, seconds=1.0, notes=[])
+    assert again["report_dir"] == a["report_dir"]
+    assert sorted(p.name for p in (out / "reports").iterdir() if p.is_dir()) == sorted(
+        [a["report_dir"].name, b["report_dir"].name])
+    rows = [line for line in (out / "index.md").read_text().splitlines() if line.startswith("| [")]
+    assert len(rows) == 2 and rows[0].startswith(f"| [{a['report_dir'].name}]")
+
+
 # ------------------------------------------------------------------ bad inputs, before any compute
 
 def _synset(tmp_path, shape=(1, 8, 8), classes=10, soft=True):
@@ -132,7 +187,7 @@ def test_unknown_mode_and_bad_seeds(digits, tmp_path):
         _sweep(syn, digits, tmp_path, seeds=0)
     with pytest.raises(ConfigError, match="seeds"):
         _sweep(syn, digits, tmp_path, seeds=[])
-    with pytest.raises(ConfigError, match="only 'lr' can be searched"):
+    with pytest.raises(ConfigError, match=r"param_space\['epochs'\]: \[1, 2\] is a list; expected one value"):
         _sweep(syn, digits, tmp_path, param_space={"epochs": [1, 2]})
     with pytest.raises(ConfigError, match="unknown setting 'epoch'"):
         _sweep(syn, digits, tmp_path, param_space={"epoch": 3})

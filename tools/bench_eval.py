@@ -16,6 +16,8 @@ import torch
 
 from raydd.models import build
 
+DEFAULT_ARCHS = ("convnet:width=32", "resnet18", "vgg11", "alexnet", "mobilenetv2", "vit_tiny")
+
 
 def _seconds(fn, repeats: int) -> float:
     fn()  # warm-up: oneDNN picks its kernels on the first call
@@ -29,7 +31,8 @@ def _seconds(fn, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("archs", nargs="+")
+    p.add_argument("archs", nargs="*", default=list(DEFAULT_ARCHS),
+                   help=f"architecture specs (default: {' '.join(DEFAULT_ARCHS)}, the README's table)")
     p.add_argument("--shape", default="1,28,28", help="C,H,W")
     p.add_argument("--images", type=int, default=1024, help="test images per forward pass")
     p.add_argument("--repeats", type=int, default=2)

@@ -4,6 +4,8 @@ Each mode starts its own local Ray: ``serial`` with exactly the CPUs of one teac
 (``teachers.resources.cpus``), ``parallel`` with ``ray.num_cpus`` of the config (all cores
 when unset), so the only difference is how many teacher tasks run at once.
 
+Defaults: configs/digits.yaml (prepared on the fly), 2 teachers per mode, scratch runs/bench-teachers.
+
     python tools/bench_teachers.py configs/fashion_mnist_ipc10.yaml --count 2 \\
         --set data.dir=/tmp/fashion-mnist --out /tmp/bench-teachers
 """
@@ -21,20 +23,25 @@ from pathlib import Path
 import ray
 
 from raydd.config import load_config
+from raydd.pipeline import ensure_data
 from raydd.raycluster import init_ray
 from raydd.teachers import train_teachers
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("config")
+    p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--count", type=int, default=2, help="teachers per mode")
     p.add_argument("--modes", default="serial,parallel")
-    p.add_argument("--out", type=Path, required=True, help="scratch directory (emptied first)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-teachers"),
+                   help="scratch directory (emptied first)")
     args = p.parse_args(argv)
 
     cfg = load_config(args.config, args.overrides + [f"teachers.count={args.count}"])
+    ensure_data(cfg)  # the embedded digits are prepared on the fly, as by raydd run
     per_task = cfg.teachers.resources.cpus
     total = cfg.ray.num_cpus or os.cpu_count()
     shutil.rmtree(args.out, ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -25,11 +26,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+            raw = yaml_load(p.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not UTF-8 text") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_problem(e)}{_where(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for item in overrides or []:
@@ -38,18 +39,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last) and reads
+    ``1e-3`` as a float: PyYAML follows YAML 1.1, whose floats need a dot, so ``1e-3`` stays a string."""
 
 
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
     keys = [loader.construct_object(k, deep=True) for k, _ in node.value]
     for i, k in enumerate(keys):
         if k in keys[:i]:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {k!r}", node.start_mark)
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {k!r}", node.value[i][0].start_mark)
     return loader.construct_mapping(node, deep=True)
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+# YAML 1.2's float syntax (the dot optional before an exponent); the stock resolvers come first, so
+# ints, bools and dotted floats resolve as before and only 1e-3, 5E+2 and the like change.
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                       re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789"))
+
+
+def yaml_load(text: str):
+    """YAML text as Python values with raydd's loader (floats like ``1e-3``, duplicate keys refused)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def _where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _problem(e: yaml.YAMLError) -> str:
+    text = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    return text or " ".join(str(e).split())
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -66,7 +88,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not all(parts):
         raise ConfigError(f"--set {item!r}: empty key segment in {key!r}")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     node = raw

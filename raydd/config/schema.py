@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from ..errors import ConfigError
+from .hmdc import HMDCConfig
 
 
 @dataclass
@@ -72,6 +73,7 @@ class TeachersConfig:
 
     def validate(self, key: str) -> None:
         _positive(self, key, "count", "epochs", "batch_size", "lr")
+        _check(self.max_retries >= -1, f"{key}.max_retries", self.max_retries, "an integer >= 0, or -1 for no limit")
         _sgd(self, key, "momentum", "weight_decay")
         self.resources.validate(f"{key}.resources")
 
@@ -98,6 +100,7 @@ class ServiceConfig:
 
     def validate(self, key: str) -> None:
         _positive(self, key, "max_batch")
+        _check(self.max_restarts >= -1, f"{key}.max_restarts", self.max_restarts, "an integer >= 0, or -1 for no limit")
         self.resources.validate(f"{key}.resources")
 
 
@@ -130,10 +133,13 @@ class DistillConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     resources: Resources = field(default_factory=Resources)
+    hmdc: HMDCConfig = field(default_factory=HMDCConfig)   # distill.method: hmdc only
+    metadd: MetaDDConfig = field(default_factory=lambda: MetaDDConfig())   # the MetaDD loss term
 
     def validate(self, key: str) -> None:
         _positive(self, key, "ipc", "groups", "rounds", "student_epochs", "checkpoints",
                   "refresh_every", "lr_net", "student_batch", "lr_img", "checkpoint_every")
+        _check(self.max_retries >= -1, f"{key}.max_retries", self.max_retries, "an integer >= 0, or -1 for no limit")
         _check(self.groups <= self.ipc, f"{key}.groups", self.groups,
                f"at most distill.ipc={self.ipc} (each group needs at least one image per class)")
         _check(self.checkpoints <= self.student_epochs, f"{key}.checkpoints", self.checkpoints,
@@ -151,6 +157,8 @@ class DistillConfig:
         self.pool.validate(f"{key}.pool")
         self.service.validate(f"{key}.service")
         self.resources.validate(f"{key}.resources")
+        self.hmdc.validate(f"{key}.hmdc")
+        self.metadd.validate(f"{key}.metadd")
 
 
 @dataclass
@@ -237,6 +245,10 @@ class EvalConfig:
     lr_search: Optional[list[float]] = None
     baselines: list[Literal["random", "full"]] = field(default_factory=lambda: ["random"])
     storage_path: Optional[str] = None  # None: RUN/eval/tune; a shared path on clusters
+    # validation images held out of the real training split (class-balanced, fixed by the run seed):
+    # None = 500 (at most a tenth of the split) when a scheduler/search needs a metric, else none
+    val_size: Optional[int] = None
+    report_every: Optional[int] = None  # epochs between a trial's intermediate reports; None: epochs/10
     kd: KDConfig = field(default_factory=KDConfig)
     elf: ELFConfig = field(default_factory=ELFConfig)
     resources: Resources = field(default_factory=Resources)
@@ -257,6 +269,10 @@ class EvalConfig:
             _check(lr > 0, f"{key}.arch_lr.{arch}", lr, "a positive learning rate")
         _check(not (self.arch_lr and self.lr_search), f"{key}.arch_lr", self.arch_lr,
                "no per-architecture lr beside an lr_search (the search picks each architecture's lr)")
+        _check(self.val_size is None or self.val_size >= 0, f"{key}.val_size", self.val_size,
+               "null or an integer >= 0 (0: no validation split)")
+        _check(self.report_every is None or self.report_every >= 1, f"{key}.report_every", self.report_every,
+               "null or an integer >= 1")
         self.kd.validate(f"{key}.kd")
         self.elf.validate(f"{key}.elf")
         self.mode_archs.validate(f"{key}.mode_archs", self.archs, self.modes)
@@ -265,6 +281,25 @@ class EvalConfig:
     def lr_of(self, arch: str) -> Optional[float]:
         """``arch``'s entry in ``arch_lr`` (by canonical spec); None: the sweep's lr."""
         return {_canonical(a): lr for a, lr in self.arch_lr.items()}.get(_canonical(arch))
+
+
+@dataclass
+class TrackingConfig:
+    """Where the curves of every stage go besides RUN/curves/**/curves.csv (always written).
+    Not a section any stage's results depend on: a run directory never compares it."""
+    tensorboard: bool = True           # TensorBoard event files beside the CSVs (tensorboardX)
+    mlflow: Optional[str] = None       # an MLflow tracking URI; needs the mlflow package
+    wandb: Optional[str] = None        # a W&B project; needs the wandb package
+    snapshot_every: Optional[int] = None  # rounds between grid snapshots; None: about 5 per run, 0: none
+
+    def validate(self, key: str) -> None:
+        _check(self.snapshot_every is None or self.snapshot_every >= 0, f"{key}.snapshot_every",
+               self.snapshot_every, "null or an integer >= 0 (0 = no snapshots)")
+        for name in ("mlflow", "wandb"):
+            v = getattr(self, name)
+            _check(v is None or bool(v.strip()), f"{key}.{name}", v, "null or a non-empty string")
+        from ..tracking import require_backends
+        require_backends(self, key)
 
 
 EVAL_MODES = ("hard", "soft", "kd", "elf")
@@ -281,6 +316,8 @@ class Config:
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    auxiliaries: AuxiliariesConfig = field(default_factory=lambda: AuxiliariesConfig())   # MetaDD's nets
 
     def validate(self, key: str = "") -> None:
         _check(isinstance(self.name, str) and bool(RUN_NAME.fullmatch(self.name)), "name", self.name,
@@ -302,6 +339,7 @@ class Config:
         specs += [(f"evaluate.mode_archs.{m}[{i}]", a) for m in EVAL_MODES
                   for i, a in enumerate(getattr(self.evaluate.mode_archs, m) or [])]
         specs += [(f"evaluate.arch_lr.{a}", a) for a in self.evaluate.arch_lr]
+        specs += [(f"auxiliaries.archs[{i}]", a) for i, a in enumerate(self.auxiliaries.archs)]
         for key, spec in specs:
             if spec is None:
                 continue
@@ -309,6 +347,14 @@ class Config:
                 canonical_spec(spec)
             except RayddError as e:
                 raise ConfigError(f"{key}: {e}") from None
+        from ..models.layers import ACT_ALIASES, ACTS, NORM_ALIASES, NORMS, POOL_ALIASES, POOLS
+        pool = self.distill.pool
+        for name, values, known, aliases in (("activations", pool.activations, ACTS, ACT_ALIASES),
+                                             ("norms", pool.norms, NORMS, NORM_ALIASES),
+                                             ("pools", pool.pools, POOLS, POOL_ALIASES)):
+            for i, v in enumerate(values):
+                _check(v in known or v in aliases, f"distill.pool.{name}[{i}]", v,
+                       f"one of {', '.join(sorted(known))}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -336,3 +382,6 @@ def _positive(obj: Any, key: str, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
         _check(v > 0, f"{key}.{n}", v, "a positive number")
+
+
+from .metadd import AuxiliariesConfig, MetaDDConfig  # noqa: E402  (it reuses the classes above)

@@ -274,11 +274,16 @@ def _imagefolder(src: Path, image_size: int | None) -> Source:
             if d.name not in index:
                 raise DataError(f"{d} is a class missing from {src / 'train'}; both splits need the same classes")
             files = _image_files(d)
-            if split == "train" and not files:
-                raise DataError(f"{d} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+            if not files:   # an empty test class would read as 0 % (or be skipped) in every evaluation
+                raise DataError(f"{d} holds no images ({', '.join(sorted(IMAGE_EXTS))}); every class "
+                                f"needs images in both splits")
             items += [(str(f), index[d.name]) for f in files]
         if not items:
             raise DataError(f"{folder} holds no images; {_EXPECTED['imagefolder']}")
+        missing = sorted(set(classes) - {c for c in classes if (folder / c).is_dir()})
+        if missing:
+            raise DataError(f"{folder} lacks the class folder {folder / missing[0]} of {src / 'train'}; "
+                            f"every class needs images in both splits")
         splits[split] = items
     return _files_source(classes, classes, splits, src, image_size)
 

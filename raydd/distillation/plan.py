@@ -110,6 +110,13 @@ def fingerprint(cfg: Config) -> str:
     values.update({f"data.{k}": data[k] for k in _DATA_KEYS})
     values.update({f"teachers.{k}": teachers[k] for k in _TEACHER_KEYS})
     skip = _RUN_ONLY + (("method",) if distill["method"] == _FIRST_METHOD else ())
+    metadd = distill.get("metadd", {}).get("enabled")
+    skip += () if metadd else ("metadd",)   # off: the fingerprints of synsets made before it stay
+    skip += () if distill["method"] == "hmdc" else ("hmdc",)   # another method's section
     values.update(flatten({k: v for k, v in distill.items() if k not in skip}, "distill"))
+    values.pop("distill.hmdc.shards", None)   # how the classes are spread, not what is computed
+    if metadd:   # the auxiliary pool's nets shape the images too
+        values.update({"auxiliaries.archs": cfg.auxiliaries.specs(cfg.data.source),
+                       "auxiliaries.epochs": cfg.auxiliaries.epochs})
     text = "\n".join(f"{k}={values[k]!r}" for k in sorted(values))
     return hashlib.sha256(text.encode()).hexdigest()

@@ -20,6 +20,7 @@ from ..io import read_json, sha256_file, write_json
 from ..methods import Services
 from ..rundir import claim
 from ..synset import MANIFEST, TENSOR_FILE
+from . import auxiliaries, hmdc_ray
 from .aggregate import aggregate
 from .init import initial_images
 from .plan import DataShape, GroupPlan, fingerprint, plan_groups, service_name
@@ -39,7 +40,7 @@ class DistillResult:
 
 
 def _group_task(cfg: Config, plan: GroupPlan, init: tuple[torch.Tensor, torch.Tensor], service_handle: Any,
-                board: Any, shape: DataShape, device: str) -> dict[str, Any]:
+                board: Any, shape: DataShape, device: str, aux_handles: list | None = None) -> dict[str, Any]:
     """The Ray task around :func:`distill_group`; a retried attempt resumes from the checkpoint."""
     import ray
 
@@ -54,7 +55,8 @@ def _group_task(cfg: Config, plan: GroupPlan, init: tuple[torch.Tensor, torch.Te
         except Exception:
             pass
 
-    return distill_group(cfg, plan, init, Services(teachers=RayService(service_handle)), shape, report=report,
+    services = Services(teachers=RayService(service_handle), auxiliaries=auxiliaries.ray_client(aux_handles))
+    return distill_group(cfg, plan, init, services, shape, report=report,
                          device=device, node=ray.get_runtime_context().get_node_id())
 
 
@@ -123,6 +125,7 @@ def run_distill(cfg: Config, run_dir: str | Path, *, progress: ProgressArg = Tru
     info = load_info(cfg.data.dir)
     shape = DataShape(info.in_channels, info.num_classes, info.image_size)
     models, records = _load_teachers(cfg, run_dir, info)
+    aux_nets, aux_records = auxiliaries.load_pool(cfg, run_dir, info)   # MetaDD's, vetted before any work
     zca = ensure_zca(cfg, run_dir, info)   # the teachers' whitening, when data.zca is on
     plans = plan_groups(cfg, run_dir)
     todo = [p for p in plans if not p.final_path.exists()]
@@ -141,12 +144,14 @@ def run_distill(cfg: Config, run_dir: str | Path, *, progress: ProgressArg = Tru
             from ..train import resolve_device
             device = resolve_device(cfg.device)
             service = LocalService(models, device)
+            services = Services(teachers=service, auxiliaries=auxiliaries.local_client(aux_nets, device))
             for p in todo:
-                distill_group(cfg, p, inits[p.index], Services(teachers=service), shape, report=view.handle,
-                              device=device)
-            out, groups = aggregate(cfg, run_dir, plans, service, records, info, fingerprint_sha=fp, zca=zca)
+                distill_group(cfg, p, inits[p.index], services, shape, report=view.handle, device=device)
+            out, groups = aggregate(cfg, run_dir, plans, service, records, info, fingerprint_sha=fp, zca=zca,
+                                    auxiliaries=aux_records)
         else:
-            out, groups = _run_on_ray(cfg, run_dir, plans, todo, inits, shape, view, records, info, fp, zca)
+            out, groups = _run_on_ray(cfg, run_dir, plans, todo, inits, shape, view, records, info, fp, zca,
+                                      aux_records)
     finally:
         view.close()
     grid = out / "grid.png"
@@ -155,9 +160,11 @@ def run_distill(cfg: Config, run_dir: str | Path, *, progress: ProgressArg = Tru
 
 def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[GroupPlan],
                 inits: dict[int, tuple[torch.Tensor, torch.Tensor]], shape: DataShape, view: LiveView,
-                records: list[dict], info: Any, fp: str, zca: Any) -> tuple[Path, list[dict]]:
+                records: list[dict], info: Any, fp: str, zca: Any,
+                aux_records: list[dict] = ()) -> tuple[Path, list[dict]]:
     import ray
     from ray.exceptions import RayError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from ..services import RayService, start_service
 
@@ -169,9 +176,13 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
     service_device = ray_device(cfg, svc.resources, "distill.service.resources")
     owned = not svc.name            # a configured name is shared across runs: leave it running
     handle = board = None
+    aux_handles: list = []
     pending: dict[Any, GroupPlan] = {}
     errors: list[Exception] = []
     try:
+        if hmdc_ray.sharded(cfg):   # a pair actor and class shards per group; teachers only for the soft labels
+            hmdc_ray.distill_groups(cfg, todo, shape, device, view.handle)
+            todo = []
         handle = start_service(run_dir, name=service_name(cfg, run_dir), resources=svc.resources,
                                max_batch=svc.max_batch, max_restarts=svc.max_restarts, device=service_device)
         hosted = _service_size(handle)
@@ -179,7 +190,13 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
             raise RayddError(f"teacher service {service_name(cfg, run_dir)!r} hosts {hosted} networks but "
                              f"{run_dir / 'teachers'} has {len(records)}; it serves another run, so set "
                              f"distill.service.name to a new name")
-        board = ray.remote(num_cpus=0)(_Board).remote()
+        aux_device = ray_device(cfg, cfg.auxiliaries.service.resources, "auxiliaries.service.resources")
+        aux_handles = auxiliaries.start_shards(cfg, run_dir, list(aux_records), info, aux_device)
+        # On the driver's node, which lives as long as the run: a board on a node that is lost would
+        # take the run with it. Restartable anyway (soft affinity); lost progress messages are harmless.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        board = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_Board).options(
+            scheduling_strategy=here).remote()
         ray.get(board.take.remote())   # alive before any worker reports to it
         task = ray.remote(_group_task)
         for p in todo:
@@ -187,7 +204,8 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
             opts = dict(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=cfg.distill.max_retries,
                         retry_exceptions=[RayError, OSError], scheduling_strategy="SPREAD",
                         name=f"raydd-distill-{p.name}")
-            pending[task.options(**opts).remote(cfg, p, inits[p.index], handle, board, shape, device)] = p
+            pending[task.options(**opts).remote(cfg, p, inits[p.index], handle, board, shape, device,
+                                                aux_handles)] = p
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.5)
             for msg in ray.get(board.take.remote()):
@@ -209,7 +227,8 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
             view.handle(msg)
         if errors:
             raise errors[0]
-        return aggregate(cfg, run_dir, plans, RayService(handle), records, info, fingerprint_sha=fp, zca=zca)
+        return aggregate(cfg, run_dir, plans, RayService(handle), records, info, fingerprint_sha=fp, zca=zca,
+                         auxiliaries=list(aux_records))
     finally:
         for ref in pending:        # interrupted: stop the workers; their checkpoints stay for a resume
             ray.cancel(ref, force=True)
@@ -217,6 +236,9 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
             ray.kill(board)
         if owned and handle is not None:
             ray.kill(handle, no_restart=True)
+        if not cfg.auxiliaries.service.name:
+            for h in aux_handles:
+                ray.kill(h, no_restart=True)
 
 
 def _service_size(handle: Any) -> int:

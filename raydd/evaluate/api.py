@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import Config, EvalConfig, ModeArchs, Resources, section
+from ..config import Config, ModeArchs, Resources, section
 from ..errors import ConfigError
 from ..synset import Synset
+from ..tracking import tune_callbacks
 from .protocol import check_mode
 from .sources import digest, tensor_digest
-from .sweep import NOT_SETTINGS, SweepResult, execute
+from .sweep import SweepResult, execute
+from .tune_space import describe, parse_space
 
 
 @dataclass
@@ -45,7 +47,9 @@ def run_evaluation(cfg: Config, run_dir: str | Path, *, synset_dir: str | Path |
         dsa_strategy=cfg.data.dsa_strategy, device=cfg.device, out_dir=out,
         storage_path=ecfg.storage_path, name="eval", progress=progress, ray_cfg=cfg.ray,
         title=cfg.name, config=cfg.to_dict(), full_epochs=ecfg.full_epochs,
-        zca_of=(cfg, run_dir))
+        zca_of=(cfg, run_dir), val_seed=cfg.seed,
+        # tracking: Tune's own logger callbacks (CSV/JSON, TensorBoard, MLflow, W&B) per cfg.tracking
+        callbacks=tune_callbacks(cfg.tracking))
     return EvalResult(res.results_json, res.csv, res.md, res.plot, res.table, len(res.trials), res.seconds)
 
 
@@ -56,17 +60,25 @@ def sweep(synset: str | Path | Synset, archs: Sequence[str], seeds: int | Sequen
           config: Config | None = None, storage_path: str | None = None, name: str | None = None,
           out_dir: str | Path | None = None, baselines: Sequence[str] | None = None,
           teachers: str | Path | None = None, full_epochs: int | None = None, scheduler: Any = None,
+          num_samples: int = 1, search_alg: Any = None, callbacks: Sequence[Any] | None = None,
           progress: bool = True) -> SweepResult:
     """Evaluate ``synset`` on ``archs`` × ``seeds`` × ``modes`` from a notebook.
 
-    ``param_space`` overrides evaluation settings by field name (``epochs``, ``soft_loss``,
-    ``kd.alpha``, ``elf.lambda_front``, …); ``lr`` may be a list or ``tune.grid_search([...])``
-    for an lr search. ``resources`` per trial: ``{"cpu": 1, "gpu": 0.25}``. ``data``: the shard
+    ``param_space`` sets or searches evaluation settings by field name (``lr``, ``epochs``,
+    ``weight_decay``, ``soft_temperature``, ``kd.alpha``, ``elf.lambda_front``, …): a constant, a
+    list of lrs, ``tune.grid_search([...])`` or a Tune domain (``tune.loguniform(1e-3, 1e-1)``,
+    ``tune.choice([...])``), drawn ``num_samples`` times (see :mod:`raydd.evaluate.tune_space`).
+    ``scheduler`` (e.g. ``ASHAScheduler(metric="val_acc", mode="max")``; its metric defaults to
+    ``val_acc``) and ``search_alg`` compare trials within one (source, mode, architecture) bracket
+    on the validation split held out of the training data (``evaluate.val_size``); pass an
+    instance (copied per bracket) or a factory. ``callbacks``: Tune callbacks, shown every trial's
+    results. The result holds Tune's ``result_grid`` and ``dataframe()``. ``resources`` per trial:
+    ``{"cpu": 1, "gpu": 0.25}``. ``data``: the shard
     directory (default ``config.data.dir``). ``teachers``: a run directory holding ``teachers/``
     for the soft random baseline (default: the synset directory's parent when it has one).
     ``mode_archs`` limits a mode to some of ``archs``, e.g. ``{"kd": ["resnet18"]}``.
-    ``scheduler``: an optional Tune scheduler; trials report ``epoch`` and ``train_loss`` every
-    epoch and ``test_acc`` at the end. Reports go to ``out_dir`` (default ``raydd-sweeps/NAME``).
+    Trials report ``epoch``, ``train_loss`` (and ``val_acc``) every ``evaluate.report_every`` epochs,
+    and ``test_acc`` with their last report. Reports go to ``out_dir`` (default ``raydd-sweeps/NAME``).
     """
     base = config or Config()
     ecfg = dataclasses.replace(base.evaluate, kd=dataclasses.replace(base.evaluate.kd),
@@ -83,7 +95,8 @@ def sweep(synset: str | Path | Synset, archs: Sequence[str], seeds: int | Sequen
                                               for m, a in mode_archs.items()}, "mode_archs")
     seed_list = _seed_list(seeds, base.seed)
     ecfg.seeds = len(seed_list)
-    lrs = _apply_param_space(ecfg, param_space or {})
+    space = parse_space(ecfg, param_space or {})
+    lrs = space.lrs
     for m in ecfg.modes:
         check_mode(m)
     ecfg.validate("evaluate")
@@ -95,7 +108,8 @@ def sweep(synset: str | Path | Synset, archs: Sequence[str], seeds: int | Sequen
         teachers = syn_path.parent
     name = name or "sweep-" + digest({"synset": str(syn_path) if syn_path else tensor_digest(synset),
                                      "archs": ecfg.archs, "modes": ecfg.modes, "seeds": seed_list,
-                                     "lrs": lrs, "data": str(data)})[:8]
+                                     "lrs": lrs, "data": str(data),
+                                     **({"space": describe(space.tune_params())} if space.searched else {})})[:8]
     _check_name(name)
     out = Path(out_dir) if out_dir is not None else Path("raydd-sweeps") / name
     return execute(synset=synset, data=str(data), ecfg=ecfg, seeds=seed_list, lrs=lrs,
@@ -105,7 +119,9 @@ def sweep(synset: str | Path | Synset, archs: Sequence[str], seeds: int | Sequen
                     storage_path=storage_path or ecfg.storage_path, name=name, progress=progress,
                     ray_cfg=base.ray if config is not None else None, title=name, config=None,
                     full_epochs=full_epochs if full_epochs is not None else ecfg.full_epochs,
-                    scheduler=scheduler, zca_of=(base, Path(teachers) if teachers is not None else out))
+                    scheduler=scheduler, zca_of=(base, Path(teachers) if teachers is not None else out),
+                    space=space, num_samples=num_samples, search_alg=search_alg, callbacks=callbacks,
+                    val_seed=base.seed)
 
 
 def _seed_list(seeds: int | Sequence[int], base: int = 0) -> list[int]:
@@ -120,44 +136,6 @@ def _seed_list(seeds: int | Sequence[int], base: int = 0) -> list[int]:
             or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: {seeds!r} is invalid; expected a non-empty list of distinct integers >= 0")
     return seeds
-
-
-def _apply_param_space(ecfg: EvalConfig, space: dict[str, Any]) -> list[float]:
-    """Set constant overrides on ``ecfg``; return the lr grid (only lr may be searched)."""
-    lrs = list(ecfg.lr_search or [ecfg.lr])
-    for key, value in space.items():
-        if isinstance(value, dict) and set(value) == {"grid_search"}:
-            value = list(value["grid_search"])
-        if key == "lr":
-            lrs = list(value) if isinstance(value, (list, tuple)) else [value]
-            if not lrs or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in lrs):
-                raise ConfigError(f"param_space['lr']: {value!r} is invalid; expected positive learning rates")
-            lrs = [float(v) for v in lrs]
-            continue
-        if isinstance(value, (list, tuple)) or hasattr(value, "sample"):
-            raise ConfigError(f"param_space[{key!r}]: only 'lr' can be searched; give one value for {key!r} "
-                              f"(run one sweep per value to compare)")
-        obj, leaf = ecfg, key
-        if "." in key:
-            head, leaf = key.split(".", 1)
-            obj = {"kd": ecfg.kd, "elf": ecfg.elf}.get(head)
-        names = {f.name for f in dataclasses.fields(obj)} if obj is not None else set()
-        if leaf not in names or leaf in NOT_SETTINGS:
-            valid = sorted(n for n in {f.name for f in dataclasses.fields(EvalConfig)} - NOT_SETTINGS
-                           if n not in ("kd", "elf"))
-            raise ConfigError(f"param_space: unknown setting {key!r}; expected lr, one of {', '.join(valid)}, "
-                              f"or kd.*/elf.* fields")
-        current = getattr(obj, leaf)
-        if type(current) in (int, float):
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or (type(current) is int and not float(value).is_integer()):
-                raise ConfigError(f"param_space[{key!r}]: {value!r} is invalid; expected "
-                                  f"{'an integer' if type(current) is int else 'a number'}")
-            value = type(current)(value)
-        elif type(current) is not type(value):
-            raise ConfigError(f"param_space[{key!r}]: {value!r} is invalid; expected a {type(current).__name__}")
-        setattr(obj, leaf, value)
-    return lrs
 
 
 def _resources(given: Resources | dict[str, float] | None, default: Resources) -> Resources:

@@ -39,12 +39,20 @@ def real_test(info: Any, whiten) -> Any:
     return lambda: ((whiten(x), y) for x, y in batches(info, "test", TEST_BATCH))
 
 
-def real_train(info: Any, whiten, batch_size: int, seed: int) -> Any:
-    """The real training split: in memory when it fits, else streamed with a new shuffle per epoch."""
+def real_train(info: Any, whiten, batch_size: int, seed: int, holdout: dict[str, Any] | None = None) -> Any:
+    """The real training split (minus a ``holdout`` validation split): in memory when it fits, else
+    streamed with a new shuffle per epoch."""
     from ..data import batches, load_split
     if info.counts["train"]["total"] * math.prod(info.shape) * 4 <= IN_MEMORY_BYTES:
         x, y = load_split(info, "train")
+        if holdout:
+            keep = torch.ones(x.shape[0], dtype=torch.bool)
+            keep[torch.tensor(holdout["positions"], dtype=torch.long)] = False
+            x, y = x[keep], y[keep]
         return whiten(x), y
+    if holdout:
+        from .holdout import train_without
+        return train_without(info, whiten, batch_size, seed, set(holdout["samples"]))
     epoch = iter(range(1 << 30))
     return lambda: ((whiten(x), y) for x, y in batches(info, "train", batch_size, shuffle=True,
                                                        seed=seed * 100_003 + next(epoch)))
@@ -52,20 +60,29 @@ def real_train(info: Any, whiten, batch_size: int, seed: int) -> Any:
 
 def random_subset(directory: Path, info: Any, fp: str, ipc: int, seed: int, teacher: torch.nn.Module | None,
                    teacher_sha: str | None, feature_model: torch.nn.Module | None, feature_sha: str | None,
-                   zca: dict[str, str] | None, progress: bool) -> None:
-    """A random real subset of ``ipc`` images per class, labelled like the synset, saved as a synset."""
+                   zca: dict[str, str] | None, progress: bool, holdout: dict[str, Any] | None = None) -> None:
+    """A random real subset of ``ipc`` images per class, labelled like the synset, saved as a synset;
+    beside a ``holdout`` validation split, drawn from the other training images."""
     from ..data import sample_per_class
 
     want = {"source": "random", "seed": seed, "ipc": ipc, "data": fp,
             "teacher_sha256": teacher_sha if teacher is not None else None,
-            "feature_model_sha256": feature_sha if feature_model is not None else None}
+            "feature_model_sha256": feature_sha if feature_model is not None else None,
+            **({"holdout": holdout["sha256"]} if holdout else {})}
     if (directory / MANIFEST).exists():
         doc = read_json(directory / MANIFEST)
-        if all(doc.get(k) == v for k, v in want.items()):
+        if all(doc.get(k) == v for k, v in want.items()) and doc.get("holdout") == want.get("holdout"):
             return
     if progress:
         print(f"[evaluate] sampling the random baseline: {ipc} real images per class, seed {seed}", flush=True)
-    x, y = sample_per_class(info, "train", ipc, seed)
+    if holdout:
+        import random
+
+        from .holdout import sample_classes
+        x, y, ids, _ = sample_classes(info, ipc, random.Random(seed), frozenset(holdout["samples"]))
+        want = {**want, "samples": ids}   # provenance: which training images, none held out
+    else:
+        x, y = sample_per_class(info, "train", ipc, seed)
     x = whitener(zca)(x)
     soft = feats = None
     with torch.no_grad():

@@ -40,7 +40,9 @@ from .elf import ElfNet, shape_text
 
 MODES = ("hard", "soft", "kd", "elf")
 
-EpochHook = Callable[[str, int, float], None]  # (phase, epoch, mean loss)
+# (phase, epoch, mean loss), plus — when the trial has validation batches — a callable returning the
+# validation accuracy of the net that phase trains (computed only when called)
+EpochHook = Callable[..., None]
 
 
 # ----------------------------------------------------------------------------- losses
@@ -76,13 +78,16 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
                   test_batches: Callable[[], Iterable], ecfg: EvalConfig, *,
                   image_shape: tuple[int, int, int], num_classes: int, lr: float | None = None,
                   epochs: int | None = None, dsa_strategy: str | None = None,
-                  device: str | torch.device = "cpu", on_epoch: EpochHook | None = None) -> dict[str, Any]:
+                  device: str | torch.device = "cpu", on_epoch: EpochHook | None = None,
+                  val_batches: Callable[[], Iterable] | None = None) -> dict[str, Any]:
     """Train a freshly initialised ``arch`` on ``train`` with label ``mode``; test on real data.
 
     ``train`` is a :class:`Synset` (its ``soft_labels`` are needed for ``soft``, its
     ``elf_features`` for ``elf``) or, for the whole-data baseline, a callable returning fresh
     ``(x, y)`` batches per epoch (hard labels only). Returns test accuracy, first/last training
-    loss, epochs, seconds and mode-specific details.
+    loss, epochs, seconds and mode-specific details. With ``val_batches`` (held-out real training
+    images) also ``val_acc``, and ``on_epoch`` gets a fourth argument measuring it mid-training
+    (evaluation mode, no RNG drawn: the training itself is unchanged).
     """
     from ..augment import DSA
     from ..models import build
@@ -104,8 +109,13 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
     common = dict(epochs=epochs, lr=lr, momentum=ecfg.momentum, weight_decay=ecfg.weight_decay,
                   batch_size=ecfg.batch_size, dsa=dsa, device=device, generator=gen)
 
-    def hook(phase: str):
-        return None if on_epoch is None else (lambda ep, loss: on_epoch(phase, ep, loss))
+    def hook(phase: str, model: nn.Module | None = None):
+        if on_epoch is None:
+            return None
+        if val_batches is None:
+            return lambda ep, loss: on_epoch(phase, ep, loss)
+        m = net if model is None else model
+        return lambda ep, loss: on_epoch(phase, ep, loss, lambda: accuracy(m, val_batches(), device))
 
     extra: dict[str, Any] = {}
     torch.manual_seed(int(seed))
@@ -122,7 +132,7 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
         elif mode == "kd":
             torch.manual_seed(int(seed) + 1_000_003)  # a teacher initialised unlike the student
             teacher = build(ecfg.kd.teacher_arch, C, num_classes, H)
-            train_classifier(teacher, (x, y), progress=hook("teacher"), **common)
+            train_classifier(teacher, (x, y), progress=hook("teacher", teacher), **common)
             extra["teacher_acc"] = accuracy(teacher, test_batches(), device)
             teacher.eval().requires_grad_(False)
             history = train_classifier(net, (x, y), loss_fn=_kd_fn(teacher, ecfg), progress=hook("train"),
@@ -138,6 +148,8 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
             history = train_classifier(model, (x, y, feats),
                                        loss_fn=lambda m, xa, ya, f: m.loss(xa, ya, f, ecfg.elf),
                                        progress=hook("train"), **common)
+    if val_batches is not None:
+        extra["val_acc"] = accuracy(net, val_batches(), device)
     acc = accuracy(net, test_batches(), device)
     return {"test_acc": acc, "train_loss_first": history[0], "train_loss_last": history[-1],
             "epochs": epochs, "lr": lr, "seconds": time.time() - t0, **extra}

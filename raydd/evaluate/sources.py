@@ -9,6 +9,8 @@ and ``full`` (the whole training set, hard labels). Files under the evaluation d
 
     random/seed-S/                 the random baseline of seed S (a synset: images, labels,
                                    soft_labels, elf_features), rebuilt when its inputs change
+    val/                           the validation split held out of the training data (holdout)
+    curves/KEY.csv                 each trial's intermediate reports (epoch, losses, val accuracy)
     elf_feature_model.{safetensors,json}   the ELF feature model, trained once on real data
     elf_features.{safetensors,json}        ELF features of the distilled synset (kept beside it,
                                    so the synset and its checksum stay untouched)
@@ -31,6 +33,7 @@ from ..io import read_json
 from ..synset import MANIFEST, Synset, load_synset, save_synset
 from .baselines import random_subset
 from .elf import distilled_features, elf_refusal, ensure_feature_model, shape_text
+from .holdout import ensure_val, val_per_class
 
 
 def digest(obj: Any) -> str:
@@ -62,11 +65,13 @@ class Prepared:
     notes: list[str]
     skip: set[tuple[str, str]]           # (arch, mode) pairs that cannot run (ELF without a split)
     sources: dict[str, dict[str, Any]]   # per source: synset path / features path / fingerprint
+    val: dict[str, Any] | None = None    # the validation split (holdout.ensure_val), if any
 
 
 def prepare_sources(synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: list[int], baselines: list[str],
              teachers_dir: Path | None, dsa_strategy: str, out: Path, resources: Resources, device: str,
-             progress: bool, zca: dict[str, str] | None, ray_cfg: Any) -> Prepared:
+             progress: bool, zca: dict[str, str] | None, ray_cfg: Any, needs_val: bool = False,
+             val_seed: int = 0) -> Prepared:
     from ..data import load_info
     from ..models import build
 
@@ -123,12 +128,15 @@ def prepare_sources(synset: str | Path | Synset, data: str, ecfg: EvalConfig, se
         columns.append(("full", "hard"))
 
     fp = digest([data_fingerprint(info), zca["sha256"] if zca else None])
+    per_class = val_per_class(ecfg.val_size, needs_val, info)
+    val = ensure_val(out, info, fp, per_class, val_seed, progress) if per_class else None
+    held = [val["sha256"]] if val else []   # sources drawn from the training split change with it
     sources: dict[str, dict[str, Any]] = {
         # templates filled with str.format(seed=…) in each trial: braces of the paths themselves are escaped
         "distilled": {"synset": _literal(syn_dir.resolve()), "features": None, "fingerprint": [syn_sha, fp]},
         "random": {"synset": _literal((out / "random").resolve()) + "/seed-{seed}", "features": None,
-                   "fingerprint": [fp, teacher_sha]},
-        "full": {"fingerprint": fp}}
+                   "fingerprint": [fp, teacher_sha, *held]},
+        "full": {"fingerprint": [fp, *held] if held else fp}}
 
     skip: set[tuple[str, str]] = set()
     feature_model, feature_sha = None, None
@@ -156,8 +164,11 @@ def prepare_sources(synset: str | Path | Synset, data: str, ecfg: EvalConfig, se
     if "random" in baselines:
         for seed in seeds:
             random_subset(out / "random" / f"seed-{seed}", info, fp, ipc, seed, teachers, teacher_sha,
-                           feature_model if "elf" in random_modes else None, feature_sha, zca, progress)
-    return Prepared(syn_dir, syn, syn_sha, info, ipc, runs, columns, notes, skip, sources)
+                           feature_model if "elf" in random_modes else None, feature_sha, zca, progress, val)
+    if val:
+        notes.append(f"validation: {len(val['samples'])} held-out training images ({per_class} per class); "
+                     f"the baselines train without them")
+    return Prepared(syn_dir, syn, syn_sha, info, ipc, runs, columns, notes, skip, sources, val)
 
 
 def _literal(path: Path) -> str:

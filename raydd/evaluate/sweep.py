@@ -1,11 +1,12 @@
-"""Evaluation sweeps on Ray Tune: architecture × seed × (source, mode) [× lr], then reports.
+"""Evaluation sweeps on Ray Tune: architecture × seed × (source, mode) [× lr × searched values], then reports.
 
 Every trial is one plain-torch :func:`~raydd.evaluate.protocol.evaluate_once` inside a Tune
 function trainable that loads its data from disk itself (paths travel in the config, never
 tensors); what it trains on is prepared by :mod:`raydd.evaluate.sources`.
 
-Resuming: a trial is identified by (source, mode, arch, seed, lr) plus a hash of every setting
-that changes its result. The driver appends each trial to ``trials.jsonl`` (fsynced) the moment it
+Resuming: a trial is identified by (source, mode, arch, seed, lr, searched values) plus a hash of
+every setting that changes its result (:mod:`raydd.evaluate.tune_space` draws searched values
+reproducibly, so they are known before Tune starts). The driver appends each trial to ``trials.jsonl`` (fsynced) the moment it
 finishes, so whatever kills the driver, no finished trial runs twice: trials found there or in
 ``results.json`` are reused (those of other grids are kept under ``other_trials``, outside the
 table), and only the rest form this invocation's Tune experiment. A changed grid only runs the new
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,15 +28,15 @@ from ..io import load_tensors, read_json
 from ..synset import Synset, load_synset
 from . import report
 from .baselines import real_test, real_train, run_zca, whitener
-from .journal import append_journal, read_journal
+from .holdout import val_batches
+from .journal import read_journal
 from .protocol import evaluate_once
 from .sources import digest, prepare_sources
+from .tune_run import check_callbacks, dataframe, identity, run_experiments, scoped_environ
+from .tune_space import NOT_SETTINGS, Space, apply_params, describe, params_label, variants
 
 TRIALS_FILE = "trials.jsonl"   # the journal of finished trials, beside results.json
-REPORTS_PER_PHASE = 50      # intermediate Tune results per training phase (progress, schedulers)
-# EvalConfig fields that choose *which* trials run or *where*, not what a trial computes.
-NOT_SETTINGS = {"archs", "modes", "mode_archs", "seeds", "lr", "arch_lr", "lr_search", "baselines",
-                "storage_path", "resources", "ars"}
+REPORTS = 10                # intermediate Tune results of a trial unless evaluate.report_every says otherwise
 # Settings that only one mode reads (its name is their prefix), so changing them re-runs only that mode.
 MODE_SETTINGS = {"soft_loss", "soft_temperature", "kd", "elf"}
 
@@ -56,6 +55,11 @@ class SweepResult:
     experiment: str | None
     seconds: float
     notes: list[str] = field(default_factory=list)
+    result_grid: Any = None     # Tune's ResultGrid of this invocation (a list: one per bracket), None: all reused
+
+    def dataframe(self) -> Any:
+        """The trials as a pandas DataFrame: plan, status, val/test accuracy, searched values (``config/KEY``)."""
+        return dataframe(self.trials)
 
     def __repr__(self) -> str:
         return f"SweepResult({len(self.trials)} trials, {self.md})\n{self.table}"
@@ -66,19 +70,47 @@ def execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: 
              dsa_strategy: str, device: str, out_dir: Path, storage_path: str | None, name: str,
              progress: bool, ray_cfg: Any, title: str, config: dict | None,
              full_epochs: int | None = None, scheduler: Any = None,
-             zca_of: tuple[Config, Path] | None = None) -> SweepResult:
+             zca_of: tuple[Config, Path] | None = None, space: Space | None = None, num_samples: int = 1,
+             search_alg: Any = None, callbacks: Any = None, val_seed: int = 0) -> SweepResult:
+    """The sweep; ``os.environ`` is the caller's again when it returns (or raises)."""
+    with scoped_environ():
+        return _execute(synset=synset, data=data, ecfg=ecfg, seeds=seeds, lrs=lrs, baselines=baselines,
+                        resources=resources, teachers_dir=teachers_dir, dsa_strategy=dsa_strategy, device=device,
+                        out_dir=out_dir, storage_path=storage_path, name=name, progress=progress,
+                        ray_cfg=ray_cfg, title=title, config=config, full_epochs=full_epochs, zca_of=zca_of,
+                        space=space or Space(lrs=list(lrs)), num_samples=num_samples, val_seed=val_seed,
+                        tune_opts={"scheduler": scheduler, "search_alg": search_alg, "num_samples": num_samples,
+                                   "callbacks": check_callbacks(callbacks) if callbacks else []})
+
+
+def _execute(*, synset, data, ecfg, seeds, lrs, baselines, resources, teachers_dir, dsa_strategy, device, out_dir,
+             storage_path, name, progress, ray_cfg, title, config, full_epochs, zca_of, space, num_samples,
+             val_seed, tune_opts) -> SweepResult:
     t0 = time.time()
     _check_settings(ecfg)
     for b in baselines:
         if b not in ("random", "full"):
             raise ConfigError(f"evaluate.baselines: {b!r} is invalid; expected random and/or full")
+    compared = tune_opts["scheduler"] is not None or tune_opts["search_alg"] is not None
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ConfigError(f"num_samples: {num_samples!r} is invalid; expected an integer >= 1")
+    if num_samples > 1 and not space.domains:
+        raise ConfigError(f"num_samples: {num_samples} would repeat identical trials; expected 1 without a "
+                          f"domain (tune.uniform, tune.choice, ...) in param_space (seeds repeat trials)")
+    if compared and ecfg.val_size == 0:
+        raise ConfigError("evaluate.val_size: 0 with a scheduler or search_alg; they compare trials on the "
+                          "validation accuracy, so expected null or a number of held-out images")
+    search = tune_opts["search_alg"] is not None
+    draws = [{}] if search else variants(space, num_samples, val_seed)
+    for v in draws:
+        apply_params(ecfg, v)  # a drawn value the settings refuse is refused now, before any compute
     trial_device = _trial_device(device, resources)
     out_dir = Path(out_dir).resolve()
     storage = _storage(storage_path, out_dir)  # out_dir itself is made by the first file written there
 
     zca = run_zca(*zca_of) if zca_of is not None else None
     prep = prepare_sources(synset, data, ecfg, seeds, baselines, teachers_dir, dsa_strategy, out_dir, resources,
-                    trial_device, progress, zca, ray_cfg)
+                    trial_device, progress, zca, ray_cfg, needs_val=compared or space.searched, val_seed=val_seed)
     settings = {k: v for k, v in dataclasses.asdict(ecfg).items() if k not in NOT_SETTINGS | MODE_SETTINGS}
     settings["dsa_strategy"] = dsa_strategy
 
@@ -90,6 +122,10 @@ def execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: 
     if own:
         prep.notes.append(f"lr {lrs[0]:g}, except " + ", ".join(f"{a} {lr:g}" for a, lr in own.items())
                           + " (evaluate.arch_lr)")
+    # extra identity of every trial beside a validation split / in a search (absent: the keys of before)
+    extra = {**({"val": prep.val["sha256"]} if prep.val else {}),
+             **({"study": describe(space.tune_params()), "search_alg": type(tune_opts["search_alg"]).__name__}
+                if search else {})}
     planned: dict[str, dict[str, Any]] = {}
     for arch in ecfg.archs:
         own_lr = own.get(arch)
@@ -99,55 +135,75 @@ def execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: 
             # ARS compares synset and random subset with and without DSA: the flipped trials carry
             # ``dsa`` (in their key too), the others run under evaluate.dsa and keep their keys
             flips = [False, True] if ecfg.ars and source != "full" else [False]
-            for seed, lr, flip in itertools.product(seeds, [own_lr] if own_lr is not None else lrs, flips):
+            for seed, lr, flip, params in itertools.product(seeds, [own_lr] if own_lr is not None else lrs, flips,
+                                                            draws):
+                # values another mode's settings take do not split this mode's trials (same label, one trial)
+                params = {k: v for k, v in params.items()
+                          if k.split(".")[0] not in MODE_SETTINGS or k.startswith(mode)}
                 label = (f"{source}/{mode} {arch} s{seed}" + (f" lr{lr:g}" if multi_lr else "")
-                         + ((" noaug" if ecfg.dsa else " aug") if flip else ""))
-                key = digest({"label": label, "lr": lr, "settings": settings,
-                             "mode": {k: getattr(ecfg, k) for k in MODE_SETTINGS if k.startswith(mode)},
+                         + ((" noaug" if ecfg.dsa else " aug") if flip else "") + params_label(params))
+                mode_settings = {k: getattr(ecfg, k) for k in MODE_SETTINGS if k.startswith(mode)}
+                key = digest({"label": label, "lr": lr, "settings": settings, "mode": mode_settings,
                              "epochs": full_epochs if source == "full" else None,
                              "source": prep.sources[source]["fingerprint"],
                              "elf": prep.sources[source].get("elf") if mode == "elf" else None,
-                             **({"dsa": not ecfg.dsa} if flip else {})})[:16]
-                planned[label] = {"label": label, "source": source, "mode": mode, "arch": arch,
-                                  "seed": seed, "lr": lr, "key": key, **({"dsa": not ecfg.dsa} if flip else {})}
+                             **({"dsa": not ecfg.dsa} if flip else {}), **extra,
+                             **({"params": params} if params else {})})[:16]
+                planned[label] = {"label": label, "source": source, "mode": mode, "arch": arch, "seed": seed,
+                                  "lr": float(params.get("lr", lr)), "key": key,
+                                  **({"dsa": not ecfg.dsa} if flip else {}), **({"params": params} if params else {}),
+                                  **({"study": True} if search else {})}
     journal = out_dir / TRIALS_FILE
-    previous = _reusable(out_dir / "results.json", journal)
-    pending = [t for t in planned.values() if t["key"] not in previous]
-    reused = [dict(previous[t["key"]], label=t["label"]) for t in planned.values() if t["key"] in previous]
+    previous = _reusable(out_dir / "results.json", journal, stopped=tune_opts["scheduler"] is not None)
+    if search:  # a study is pending while it holds fewer than num_samples trials
+        for t in planned.values():
+            t["done"] = sum(r.get("study") == t["key"] for r in previous.values())
+        reused = [r for r in previous.values() if r.get("study") in {t["key"] for t in planned.values()}]
+        pending = [t for t in planned.values() if t["done"] < num_samples]
+    else:
+        pending = [t for t in planned.values() if t["key"] not in previous]
+        reused = [dict(previous[t["key"]], label=t["label"]) for t in planned.values() if t["key"] in previous]
 
-    experiment = None
+    experiment, grids = None, []
     ran: list[dict[str, Any]] = []
     if pending:
         experiment = _experiment(name, pending, storage)
         ctx = {"data": prep.info.root, "ecfg": dataclasses.asdict(ecfg), "dsa_strategy": dsa_strategy,
                "device": trial_device, "cpus": resources.cpus, "shape": list(prep.info.shape),
-               "num_classes": prep.info.num_classes, "sources": prep.sources,
-               "full_epochs": full_epochs, "trials": {t["label"]: t for t in pending}, "zca": zca}
+               "num_classes": prep.info.num_classes, "sources": prep.sources, "val": prep.val and prep.val["path"],
+               "full_epochs": full_epochs, "trials": {t["label"]: t for t in pending}, "zca": zca,
+               "holdout": prep.val and {"positions": prep.val["positions"], "samples": prep.val["samples"]}}
         if progress:
-            print(f"[evaluate] {len(pending)} trials to run ({len(reused)} reused) → {storage}/{experiment}",
-                  flush=True)
+            print(f"[evaluate] {len(pending)} {'studies' if search else 'trials'} to run ({len(reused)} reused) "
+                  f"→ {storage}/{experiment}", flush=True)
         from ..raycluster import init_ray
         init_ray(ray_cfg)
-        ran = _run_tune(ctx, [t["label"] for t in pending], storage, experiment, resources, progress,
-                        scheduler, journal)
+        ran, grids = run_experiments(eval_trainable, ctx, pending, storage, experiment, resources, progress,
+                                     {**tune_opts, "space": space.tune_params()}, journal, out_dir)
         returned = {r["label"] for r in ran}
         # trials Tune never started (an interrupted sweep) count as unfinished, so counts match the plan
-        ran += [dict(t, status="unfinished", error="") for t in pending if t["label"] not in returned]
-        for r in ran:
-            r["experiment"] = experiment
+        ran += [dict({k: v for k, v in t.items() if k not in ("study", "done")}, status="unfinished", error="",
+                     experiment=experiment)
+                for t in pending if t["label"] not in returned and not search]
 
     order = {label: i for i, label in enumerate(planned)}
     trials = sorted(reused + ran, key=lambda t: order.get(t["label"], len(order)))
-    failed = [t for t in trials if t["status"] != "ok"]
+    failed = [t for t in trials if t["status"] not in ("ok", "stopped")]
+    stopped = [t for t in trials if t["status"] == "stopped"]
+    notes = list(prep.notes) + ([f"{len(stopped)} trials stopped early by the scheduler (last val accuracy): "
+                                 + ", ".join(f"{t['label']} at epoch {t.get('stopped_at')} "
+                                             f"({100 * t.get('val_acc', 0):.1f} %)" for t in stopped)]
+                                if stopped else [])
     # finished trials of other grids stay on file (not in the table), so narrowing a sweep loses nothing
-    planned_keys = {t["key"] for t in planned.values()}
-    meta = {"other_trials": [t for k, t in previous.items() if k not in planned_keys],
+    kept = {t["key"] for t in trials}
+    meta = {"other_trials": [t for k, t in previous.items() if k not in kept],
             "complete": not failed,
             "synset": str(prep.synset_dir), "synset_sha256": prep.synset_sha, "ipc": prep.ipc,
-            "seeds": seeds, "lrs": lrs, "storage_path": storage, "experiment": experiment}
+            "seeds": seeds, "lrs": lrs, "storage_path": storage, "experiment": experiment,
+            **({"val": {k: prep.val[k] for k in ("path", "sha256")}} if prep.val else {})}
     written = report.write_reports(out_dir, trials, archs=list(ecfg.archs), columns=prep.columns,
                                    config=config or {"evaluate": dataclasses.asdict(ecfg), "data": data},
-                                   seconds=time.time() - t0, notes=prep.notes, lr_search=multi_lr,
+                                   seconds=time.time() - t0, notes=notes, lr_search=multi_lr or "lr" in space.domains,
                                    extra=meta, title=f"{title} · IPC {prep.ipc}")
     if failed:
         first = failed[0]
@@ -158,7 +214,8 @@ def execute(*, synset: str | Path | Synset, data: str, ecfg: EvalConfig, seeds: 
     return SweepResult(trials=trials, aggregate=written["aggregate"], table=written["table"],
                        results_json=written["results_json"], csv=written["csv"], md=written["md"],
                        plot=written["plot"], out_dir=out_dir, experiment=experiment,
-                       seconds=time.time() - t0, notes=prep.notes)
+                       seconds=time.time() - t0, notes=notes,
+                       result_grid=None if not grids else grids[0] if len(grids) == 1 else grids)
 
 
 def _check_settings(ecfg: EvalConfig) -> None:
@@ -174,9 +231,10 @@ def _trial_device(device: str, res: Resources) -> str:
     return "cuda" if res.gpus > 0 else "cpu"
 
 
-def _reusable(results: Path, journal: Path) -> dict[str, dict[str, Any]]:
+def _reusable(results: Path, journal: Path, stopped: bool = False) -> dict[str, dict[str, Any]]:
     """Finished trials of earlier sweeps by key: the last report's, then any the journal adds (a
-    driver killed before writing its report)."""
+    driver killed before writing its report); with ``stopped``, trials a scheduler stopped too
+    (a finished run of the same trial wins)."""
     records: list[dict[str, Any]] = []
     if results.exists():
         try:
@@ -186,9 +244,10 @@ def _reusable(results: Path, journal: Path) -> dict[str, dict[str, Any]]:
             pass
     records += read_journal(journal)
     out: dict[str, dict[str, Any]] = {}
-    for t in records:
-        if isinstance(t, dict) and t.get("status") == "ok" and t.get("key"):
-            out.setdefault(t["key"], t)
+    for status in ("ok", "stopped") if stopped else ("ok",):
+        for t in records:
+            if isinstance(t, dict) and t.get("status") == status and t.get("key"):
+                out.setdefault(t["key"], t)
     return out
 
 
@@ -223,129 +282,20 @@ def _storage(storage_path: str | None, out: Path) -> str:
     return str(p)
 
 
-def _run_tune(ctx: dict[str, Any], labels: list[str], storage: str, experiment: str, res: Resources,
-              progress: bool, scheduler: Any, journal: Path) -> list[dict[str, Any]]:
-    import ray
-    from ray import tune
-
-    total = ray.cluster_resources()
-    slots = math.floor(total.get("CPU", 0) / res.cpus + 1e-9)
-    if res.gpus > 0:
-        slots = min(slots, math.floor(total.get("GPU", 0) / res.gpus + 1e-9))
-    if slots < 1:
-        raise RayddError(f"evaluate.resources ({res.cpus:g} CPU, {res.gpus:g} GPU per trial) exceed the Ray "
-                         f"cluster ({total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU)")
-    # Tune's new console output prints an experiment banner even at verbose=0; the classic one
-    # stays silent, leaving the per-trial lines of _trial_lines.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trainable = tune.with_resources(eval_trainable, {"cpu": res.cpus, "gpu": res.gpus})
-    callbacks = [_journal(journal, ctx["trials"], experiment)] + ([_trial_lines(len(labels))] if progress else [])
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search(labels), "ctx": ctx},
-        # reuse_actors: a trial's worker keeps torch/timm imported for the next one (seconds each)
-        tune_config=tune.TuneConfig(max_concurrent_trials=min(slots, len(labels)), scheduler=scheduler,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=storage, name=experiment, verbose=0, callbacks=callbacks,
-                                  failure_config=tune.FailureConfig(max_failures=1),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    grid = tuner.fit()
-    out = []
-    for r in grid:
-        cfg = r.config or {}
-        trial = cfg.get("ctx", {}).get("trials", {}).get(cfg.get("trial"), {})
-        if trial:
-            out.append(_record(trial, r.metrics or {}, r.error))
-    return out
-
-
-RESULT_KEYS = ("test_acc", "train_loss_first", "train_loss_last", "epochs", "seconds", "teacher_acc", "elf_adapted")
-
-
-def _record(trial: dict[str, Any], m: dict[str, Any], error: BaseException | None) -> dict[str, Any]:
-    """A trial's row: its plan, its Tune id and start time, and its result or why it has none."""
-    rec = {**trial, "trial_id": m.get("trial_id"), "started_at": m.get("started_at")}
-    if error is None and "test_acc" in m:
-        rec.update(status="ok", **{k: m[k] for k in RESULT_KEYS if k in m})
-    else:
-        rec.update(status="error" if error is not None else "unfinished",
-                   error=_first_line(error) if error is not None else "")
-    return rec
-
-
-def _journal(path: Path, plan: dict[str, dict[str, Any]], experiment: str) -> Any:
-    """A Tune callback appending each trial to ``path`` as soon as its final result reaches the driver."""
-    from ray import tune
-
-    class Journal(tune.Callback):
-        def __init__(self) -> None:
-            self.written: set[str] = set()
-
-        def _write(self, trial: Any, result: dict[str, Any] | None) -> None:
-            label = trial.config.get("trial")
-            if label in self.written or label not in plan or "test_acc" not in (result or {}):
-                return
-            append_journal(path, dict(_record(plan[label], result, None), experiment=experiment))
-            self.written.add(label)
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if result.get("phase") == "done":
-                self._write(trial, result)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._write(trial, trial.last_result)
-
-    return Journal()
-
-
-def _trial_lines(total: int) -> Any:
-    """A Tune callback printing one line per finished or failed trial with count and ETA
-    (Tune's own tables are too loud for a terminal)."""
-    from ray import tune
-
-    class TrialLines(tune.Callback):
-        def __init__(self) -> None:
-            self.done, self.t0 = 0, time.time()
-
-        def _line(self, trial: Any, what: str) -> None:
-            self.done += 1
-            elapsed = time.time() - self.t0
-            eta = elapsed / self.done * (total - self.done)
-            print(f"[evaluate] {self.done}/{total} trials ({elapsed:.0f}s, ETA {eta:.0f}s) · "
-                  f"{trial.config.get('trial')}: {what}", flush=True)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            r = trial.last_result or {}
-            acc = r.get("test_acc")
-            self._line(trial, f"{acc:.2%} in {r.get('seconds', 0):.0f}s" if acc is not None else "finished")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            path = Path(trial.error_file) if trial.error_file else None
-            text = path.read_text() if path is not None and path.exists() else "error"
-            self._line(trial, f"FAILED: {_first_line(Exception(text))}")
-
-    return TrialLines()
-
-
-def _first_line(e: BaseException) -> str:
-    for line in reversed(str(e).strip().splitlines()):
-        if line.strip() and not line.startswith(" "):
-            return line.strip()[:300]
-    return type(e).__name__
-
-
 def eval_trainable(config: dict[str, Any]) -> None:
-    """The Tune trainable: one trial, reporting every epoch and the final test accuracy."""
+    """The Tune trainable: one trial, reporting every ``report_every`` epochs (with the validation
+    accuracy beside a validation split) and, folded into its last report, the test accuracy —
+    so a scheduler's last decision never comes before the result."""
     from ray import tune
 
     from ..data import load_info
     from ..train import set_threads
 
     started = time.time()
-    ctx, label = config["ctx"], config["trial"]
-    t = ctx["trials"][label]
+    ctx = config["ctx"]
+    t = identity(ctx["trials"], config)
     set_threads(ctx["cpus"])
-    ecfg = section(EvalConfig, ctx["ecfg"], "evaluate")
+    ecfg = apply_params(section(EvalConfig, ctx["ecfg"], "evaluate"), t.get("params") or {})
     if t.get("dsa") is not None:
         ecfg = dataclasses.replace(ecfg, dsa=bool(t["dsa"]))
     info = load_info(ctx["data"])
@@ -353,7 +303,7 @@ def eval_trainable(config: dict[str, Any]) -> None:
     whiten = whitener(ctx.get("zca"))
     epochs = None
     if t["source"] == "full":
-        train: Any = real_train(info, whiten, ecfg.batch_size, int(t["seed"]))
+        train: Any = real_train(info, whiten, ecfg.batch_size, int(t["seed"]), ctx.get("holdout"))
         if isinstance(train, tuple):
             train = Synset(*train)
         epochs = ctx.get("full_epochs")
@@ -363,15 +313,18 @@ def eval_trainable(config: dict[str, Any]) -> None:
             train.elf_features = load_tensors(src["features"])["elf_features"]
     base = {"started_at": started}
     total = int(epochs or ecfg.epochs)
-    every = max(1, total // REPORTS_PER_PHASE)
+    every = ecfg.report_every or max(1, round(total / REPORTS))
+    val = val_batches(ctx["val"], whiten) if ctx.get("val") else None
 
-    def on_epoch(phase: str, ep: int, loss: float) -> None:
-        if ep == 1 or ep % every == 0 or ep == total:
-            tune.report({**base, "phase": phase, "epoch": ep, "train_loss": loss})
+    def on_epoch(phase: str, ep: int, loss: float, val_acc: Any = None) -> None:
+        # beside a validation split only the evaluated net reports: every result holds the metric
+        if ep % every == 0 and not (phase == "train" and ep == total) and (val is None or phase == "train"):
+            tune.report({**base, "phase": phase, "epoch": ep, "train_loss": loss,
+                         **({"val_acc": val_acc()} if val_acc is not None else {})})
 
     result = evaluate_once(t["arch"], t["mode"], int(t["seed"]), train,
                            real_test(info, whiten), ecfg,
                            image_shape=tuple(ctx["shape"]), num_classes=int(ctx["num_classes"]),
                            lr=float(t["lr"]), epochs=epochs, dsa_strategy=ctx["dsa_strategy"],
-                           device=ctx["device"], on_epoch=on_epoch)
-    tune.report({**base, "phase": "done", **result})
+                           device=ctx["device"], on_epoch=on_epoch, val_batches=(lambda: val) if val else None)
+    tune.report({**base, "phase": "done", "epoch": total, "train_loss": result["train_loss_last"], **result})

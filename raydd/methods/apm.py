@@ -17,6 +17,10 @@ through the frozen teacher. So a worker never holds a teacher, and the teacher r
 per segment (logits, then the VJP) however many checkpoints there are; the official loop runs it
 forward and backward once per checkpoint.
 
+MetaDD (paper 000): with ``distill.metadd.enabled`` the group adds ``raydd.methods.metadd``'s term
+(frozen auxiliary nets of other architectures, reached through ``Services.auxiliaries``) to the
+image gradient, with the round's teacher as its backbone; the term holds no state.
+
 ZCA: with ``data.zca`` on, the images given to :class:`APMGroup` are already whitened and the
 teachers were trained on whitened data; nothing here depends on which space the images live in.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from functools import partial
 from typing import Callable
 
@@ -141,6 +146,15 @@ class _Timed:
             self.seconds += time.perf_counter() - t0
 
 
+def _metadd_term(cfg: DistillConfig):
+    """The MetaDD add-on term when ``distill.metadd.enabled`` (stateless: nothing to checkpoint)."""
+    section = getattr(cfg, "metadd", None)
+    if section is None or not section.enabled:
+        return None
+    from .metadd import MetaDDOptions, MetaDDTerm
+    return MetaDDTerm(MetaDDOptions.from_config(section), segment=cfg.segment)
+
+
 def _build_default(spec: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     from ..models import build
     return build(spec, in_channels, num_classes, image_size)
@@ -171,6 +185,7 @@ class APMGroup(Method):
         self.student_spec: str | None = None
         self.teacher = -1
         self.checkpoints: list[StateDict] = []
+        self.metadd = _metadd_term(cfg)
 
     @classmethod
     def create(cls, cfg: DistillConfig, images: Tensor, labels: Tensor, *, seed: int,
@@ -209,7 +224,15 @@ class APMGroup(Method):
         loss, grad = image_loss_and_grad(u, y, self.student, self.checkpoints, timed, self.teacher,
                                          distance=cfg.distance, objective=cfg.objective,
                                          alpha=cfg.alpha, segment=cfg.segment)
-        if not (math.isfinite(loss) and torch.isfinite(grad).all()):
+        extra: dict = {}
+        if self.metadd is not None:   # L_all = L_dd + MetaDD's terms (paper 000, Eq. 12), on the same teacher
+            t1, s1 = time.perf_counter(), timed.seconds
+            aux_loss, grad_aux = self.metadd.loss_and_grad(u, y, replace(services, teachers=timed),
+                                                           teacher=self.teacher)
+            extra = {"loss_all": loss + aux_loss, "metadd": self.metadd.stats, "grad_norm_dd": float(grad.norm()),
+                     "aux_seconds": time.perf_counter() - t1 - (timed.seconds - s1)}
+            grad = grad + grad_aux
+        if not (math.isfinite(extra.get("loss_all", loss)) and torch.isfinite(grad).all()):
             raise NonFiniteImages(f"group image gradient is not finite at round {self.round} "
                                   f"(loss {loss}); lower distill.lr_img or distill.lr_net")
         # torch SGD with momentum over the whole image tensor, as the official code: images outside
@@ -226,11 +249,13 @@ class APMGroup(Method):
         t_image = time.perf_counter() - t0
 
         self.round += 1
+        seconds = {"student": t_student - s_student, "image": t_image - (timed.seconds - s_student),
+                   "service": timed.seconds}
+        if extra:   # the auxiliary service's share of the image step (teacher calls stay in "service")
+            seconds["auxiliaries"] = extra.pop("aux_seconds")
+            seconds["image"] -= seconds["auxiliaries"]
         return {"round": self.round - 1, "loss": loss, "refreshed": refreshed,
-                "teacher": self.teacher, "student_spec": self.student_spec,
-                "seconds": {"student": t_student - s_student,
-                            "image": t_image - (timed.seconds - s_student),
-                            "service": timed.seconds}}
+                "teacher": self.teacher, "student_spec": self.student_spec, **extra, "seconds": seconds}
 
     def _refresh(self, service: _Timed, u: Tensor) -> None:
         """Algorithm 1 line 3 and lines 5-9: new teacher, new student, K checkpoints."""

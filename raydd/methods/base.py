@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from torch import Tensor
 
@@ -35,6 +35,16 @@ class Service(Protocol):
 class Services:
     """The services a method may use, one field per role (more roles become more fields)."""
     teachers: Service
+    auxiliaries: Any = None   # frozen auxiliary nets (MetaDD: ``metadd.AuxService``); None = none
+
+
+@dataclass(frozen=True)
+class RealImages:
+    """The real training split in memory, in the space the synthetic images live in."""
+    x: Tensor                     # N×C×H×W, normalised
+    y: Tensor                     # N, int64
+    mean: tuple[float, ...]       # the per-channel normalisation, to map back to pixels in [0, 1]
+    std: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,9 @@ class Setup:
     num_classes: int
     image_size: int
     dsa_strategy: str | None      # augmentation of the method's inner training; None = none
+    # Loads the real training split (methods that match real batches every step, e.g. HMDC); None
+    # where the run offers none (data.zca on). Called once, by the method that needs it.
+    real: Callable[[], RealImages] | None = None
 
 
 class NonFiniteImages(RayddError):
@@ -85,6 +98,17 @@ class Method(abc.ABC):
     @property
     @abc.abstractmethod
     def labels(self) -> Tensor: ...
+
+    def synset(self) -> tuple[Tensor, Tensor]:
+        """The images (and labels) the finished group contributes to the synset; by default the
+        stored ones. A method that stores its images packed (HMDC) returns them decoded."""
+        return self.images, self.labels
+
+    @classmethod
+    def synset_per_stored(cls, cfg: DistillConfig) -> int:
+        """Synset images per stored image (:meth:`synset` / :attr:`images`); the aggregator expects
+        ipc × this per class."""
+        return 1
 
 
 METHODS: dict[str, type[Method]] = {}

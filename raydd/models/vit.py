@@ -90,3 +90,19 @@ def vit_apm(opts: dict, in_channels: int, num_classes: int, image_size: int) -> 
     return Built(stages, embedding_dim=width,
                  config=dict(patch=patch, width=width, depth=depth, heads=heads, head_dim=head_dim, mlp=mlp,
                              tokens=(image_size // patch) ** 2))
+
+
+def class_token_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """B × heads × N softmax weights of the class token's query (token 0) in ``block``'s
+    self-attention on the tokens ``x``: what the fused attention computes but does not return
+    (MetaDD's ViT CAM, Eq. 7). For this module's :class:`Block` and timm's ViT ``Block``."""
+    attn = block.attn
+    h = block.norm1(x)
+    b, n, _ = h.shape
+    heads = getattr(attn, "heads", None) or attn.num_heads
+    # both lay the qkv output out as [q | k | v], each heads × head_dim
+    q, k, _ = attn.qkv(h).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    if hasattr(attn, "q_norm"):   # timm
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
+    return torch.softmax((q[:, :, :1] * scale) @ k.transpose(-2, -1), dim=-1)[:, :, 0]
