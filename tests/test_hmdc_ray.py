@@ -21,7 +21,7 @@ ROUNDS = 5
 def cfg_for(digits: str, shards: int = 1, **distill):
     return from_dict({"data": {"dir": digits, "dsa_strategy": "color_crop_cutout_scale_rotate"},
                       "distill": {"method": "hmdc", "ipc": 1, "lr_img": 0.01, "rounds": ROUNDS,
-                                  "checkpoint_every": 2, "resources": {"cpus": 1},
+                                  "checkpoint_every": 2, "resources": {"cpus": 0.5},
                                   "hmdc": {**TINY, "shards": shards}, **distill}})
 
 

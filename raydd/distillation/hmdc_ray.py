@@ -209,10 +209,12 @@ def distill_sharded(cfg: Config, plan: GroupPlan, shape: DataShape, *, device: s
         return {**progress, "images": final["images"], "labels": final["labels"]}
     parts = partition(shape.num_classes, cfg.distill.hmdc.shards)
     res = cfg.distill.resources
-    free = ray.available_resources().get("CPU", 0.0)
-    if free + 1e-9 < len(parts) * res.cpus:   # every shard must run at once: the actor waits for the slowest
+    # Every shard must run at once (the actor waits for the slowest): refuse a cluster too small for
+    # that; CPUs other work holds for a while only delay the start.
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if total + 1e-9 < len(parts) * res.cpus:
         raise ConfigError(f"distill.hmdc.shards: {len(parts)} shards of distill.resources.cpus={res.cpus} need "
-                          f"{len(parts) * res.cpus:g} free CPUs at once; Ray has {free:g}")
+                          f"{len(parts) * res.cpus:g} CPUs at once; the Ray cluster has {total:g}")
     starts = {k: shard_round(plan, k) for k in range(len(parts))}
     start = min(starts.values())
     if start > 0 and not pair_path(plan, start).exists():
