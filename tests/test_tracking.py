@@ -108,6 +108,12 @@ def test_tracking_config_and_tune_callbacks(digits, monkeypatch):
     assert kinds == [CSVLoggerCallback, JsonLoggerCallback]
     import os
     assert os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1"   # Tune adds no TBX of its own
+    from raydd.evaluate.tune_run import scoped_environ
+    before = dict(os.environ)
+    with scoped_environ():   # how run_evaluation calls it: the switch lasts for its sweep only
+        tune_callbacks(TrackingConfig(tensorboard=False))
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    assert dict(os.environ) == before
 
 
 # ---------------------------------------------------------------------------- teachers

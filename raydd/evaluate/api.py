@@ -11,6 +11,7 @@ from ..config import Config, ModeArchs, Resources, section
 from ..errors import ConfigError
 from ..synset import Synset
 from ..tracking import tune_callbacks
+from .tune_run import scoped_environ
 from .protocol import check_mode
 from .sources import digest, tensor_digest
 from .sweep import SweepResult, execute
@@ -39,17 +40,18 @@ def run_evaluation(cfg: Config, run_dir: str | Path, *, synset_dir: str | Path |
     ecfg = cfg.evaluate
     ecfg.validate("evaluate")
     out = run_dir / "eval"
-    res = execute(
-        synset=Path(synset_dir) if synset_dir is not None else run_dir / "synset",
-        data=cfg.data.dir, ecfg=ecfg, seeds=_seed_list(ecfg.seeds, cfg.seed),
-        lrs=ecfg.lr_search or [ecfg.lr], baselines=list(ecfg.baselines), resources=ecfg.resources,
-        teachers_dir=run_dir if (run_dir / "teachers").exists() else None,
-        dsa_strategy=cfg.data.dsa_strategy, device=cfg.device, out_dir=out,
-        storage_path=ecfg.storage_path, name="eval", progress=progress, ray_cfg=cfg.ray,
-        title=cfg.name, config=cfg.to_dict(), full_epochs=ecfg.full_epochs,
-        zca_of=(cfg, run_dir), val_seed=cfg.seed,
-        # tracking: Tune's own logger callbacks (CSV/JSON, TensorBoard, MLflow, W&B) per cfg.tracking
-        callbacks=tune_callbacks(cfg.tracking))
+    with scoped_environ():   # tune_callbacks may switch Tune's automatic loggers off for this sweep only
+        res = execute(
+            synset=Path(synset_dir) if synset_dir is not None else run_dir / "synset",
+            data=cfg.data.dir, ecfg=ecfg, seeds=_seed_list(ecfg.seeds, cfg.seed),
+            lrs=ecfg.lr_search or [ecfg.lr], baselines=list(ecfg.baselines), resources=ecfg.resources,
+            teachers_dir=run_dir if (run_dir / "teachers").exists() else None,
+            dsa_strategy=cfg.data.dsa_strategy, device=cfg.device, out_dir=out,
+            storage_path=ecfg.storage_path, name="eval", progress=progress, ray_cfg=cfg.ray,
+            title=cfg.name, config=cfg.to_dict(), full_epochs=ecfg.full_epochs,
+            zca_of=(cfg, run_dir), val_seed=cfg.seed,
+            # tracking: Tune's own logger callbacks (CSV/JSON, TensorBoard, MLflow, W&B) per cfg.tracking
+            callbacks=tune_callbacks(cfg.tracking))
     return EvalResult(res.results_json, res.csv, res.md, res.plot, res.table, len(res.trials), res.seconds)
 
 
