@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(ev)
     ev.add_argument("--synset", type=Path, default=None, help="synset directory (default: RUN/synset)")
     _config_args(sub.add_parser("run", help="prepare → teachers → distill → evaluate, skipping done stages"))
+    rank = sub.add_parser("rank", help="rank architectures on the synset vs the full data (Spearman/Kendall)")
+    _config_args(rank)
+    rank.add_argument("--candidates", nargs="+", required=True, metavar="SPEC",
+                      help="at least 3 model specs, e.g. convnet:width=16 convnet:depth=2 resnet18")
+    rank.add_argument("--synset", type=Path, default=None, help="synset directory (default: RUN/synset)")
+    rank.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples over candidates")
     return parser
 
 
@@ -119,6 +125,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{out}: {args.fmt} export of {args.synset}")
         return 0
 
+    if args.command == "rank":
+        return _rank(args)
+
     from . import pipeline
     from .config import load_config
     cfg = load_config(args.config, args.overrides)
@@ -133,6 +142,23 @@ def _dispatch(args: argparse.Namespace) -> int:
             pipeline.stage_evaluate(cfg, run_dir, synset_dir=args.synset)
         elif args.command == "run":
             pipeline.run(cfg, run_dir)
+    return 0
+
+
+def _rank(args: argparse.Namespace) -> int:
+    """``raydd rank``: candidates and the synset are checked before the run directory is touched."""
+    from . import pipeline
+    from .config import load_config
+    from .evaluate.rank import check_candidates, check_synset, run_rank
+    cfg = load_config(args.config, args.overrides)
+    candidates = check_candidates(args.candidates)
+    run_dir = pipeline.run_dir_for(cfg, args.out)
+    pipeline.check_dir(run_dir, "--out" if args.out is not None else "the run directory")
+    check_synset(args.synset if args.synset is not None else run_dir / "synset")
+    with _undo_if_failed(run_dir):
+        result = run_rank(cfg, run_dir, candidates, synset_dir=args.synset, resamples=args.resamples)
+    print(result.table, flush=True)
+    print(f"[rank] {result.md} · {result.json} · {result.plot}", flush=True)
     return 0
 
 

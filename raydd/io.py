@@ -110,6 +110,8 @@ def load_tensors(path: str | os.PathLike, sha256: str | None = None) -> dict[str
     if not path.exists():
         raise RayddError(f"missing file {path}")
     if sha256 is not None:
+        if not isinstance(sha256, str):   # a hand-edited record: refuse it, not a TypeError below
+            raise RayddError(f"the sha256 recorded for {path} is {sha256!r}; expected 64 hex digits")
         actual = sha256_file(path)
         if actual != sha256:
             raise RayddError(f"{path} fails its checksum: sha256 {actual[:12]}…, expected {sha256[:12]}…")

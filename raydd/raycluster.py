@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,13 +24,15 @@ CONNECT_TIMEOUT_S = 30   # joining a cluster; Ray alone retries an address witho
 PROBE_TIMEOUT_S = 10     # the TCP probe of ray.address before Ray is asked
 
 
-def init_ray(rc: RayConfig | None = None) -> None:
-    """Start (or connect to) Ray once per process; a second call is a no-op."""
+def init_ray(rc: RayConfig | None = None, *, progress: bool = True) -> None:
+    """Start (or connect to) Ray once per process; a second call is a no-op. With ``progress``, a line
+    on stderr before and after: a local start takes seconds, joining a cluster up to CONNECT_TIMEOUT_S."""
     import ray
 
     if ray.is_initialized():
         return
     rc = rc or RayConfig()
+    t0 = time.monotonic()
     # No usage-stats reporting: nothing may leave the machine. Ray's processes inherit it.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     common = dict(logging_level=logging.WARNING, log_to_driver=True)
@@ -37,6 +40,9 @@ def init_ray(rc: RayConfig | None = None) -> None:
         # Token authentication stays on (Ray's default for a local start); only the notice that
         # says so on every start is silenced. Warnings about auth being *off* still print.
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_no_token_notice)
+        if progress:
+            cpus = _count(rc.num_cpus, "CPU") if rc.num_cpus is not None else f"all {_count(os.cpu_count(), 'CPU')}"
+            _say(f"starting a local Ray ({cpus}) …")
         try:
             ray.init(address="local", num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
                      include_dashboard=False, **common)
@@ -44,11 +50,15 @@ def init_ray(rc: RayConfig | None = None) -> None:
             raise RayddError(f"could not start a local Ray instance: {_first_line(e)}") from None
         private_token()
         _record_local_ray()
+        if progress:
+            _say(f"local Ray up: {_resources_text()} ({time.monotonic() - t0:.1f} s)")
         return
     if rc.num_cpus is not None or rc.num_gpus is not None:
         raise ConfigError(f"ray.num_cpus/ray.num_gpus size a local Ray only; drop them or ray.address "
                           f"({rc.address!r}), whose resources are the cluster's")
     _probe(rc.address)
+    if progress:
+        _say(f"connecting to the Ray cluster at {rc.address} …")
     try:
         with _deadline(CONNECT_TIMEOUT_S):
             ray.init(address=rc.address, **common)
@@ -58,6 +68,27 @@ def init_ray(rc: RayConfig | None = None) -> None:
                          f"(`ray start --head` prints it)") from None
     except Exception as e:
         raise RayddError(f"could not connect to Ray at ray.address={rc.address!r}: {_first_line(e)}") from None
+    if progress:
+        _say(f"connected to Ray at {rc.address}: {_resources_text()} ({time.monotonic() - t0:.1f} s)")
+
+
+def _say(text: str) -> None:
+    print(f"[ray] {text}", file=sys.stderr, flush=True)
+
+
+def _resources_text() -> str:
+    """What the running Ray offers, e.g. ``1 node, 2 CPUs, 0 GPUs``."""
+    import ray
+    try:
+        total = ray.cluster_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    except Exception:   # informative only: never a reason to fail the start
+        return "resources unknown"
+    return f"{_count(nodes, 'node')}, {_count(total.get('CPU', 0), 'CPU')}, {_count(total.get('GPU', 0), 'GPU')}"
+
+
+def _count(n: float, word: str) -> str:
+    return f"{n:g} {word}{'' if n == 1 else 's'}"
 
 
 def _probe(address: str) -> None:

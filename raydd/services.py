@@ -207,6 +207,11 @@ def start_service(source: Any, *, name: str, resources: Resources | None = None,
                                                  threads=max(1, int(res.cpus)), window_s=window_s)
 
 
+def resources_text(res: Resources) -> str:
+    """A service's share of a node in words, for progress lines: ``0.5 CPU``, ``1 CPU + 0.25 GPU``."""
+    return f"{res.cpus:g} CPU" + (f" + {res.gpus:g} GPU" if res.gpus else "")
+
+
 class ActorClient:
     """A service actor's handle, with its model count asked once; pickles as its handle."""
 

@@ -270,6 +270,7 @@ def load_synset(directory: str | Path) -> Synset:
     if not isinstance(doc, dict):
         raise RayddError(f"{directory / MANIFEST} holds a JSON {type(doc).__name__}; expected an object "
                          f"with file, sha256 and num_classes")
+    _check_manifest(directory / MANIFEST, doc)
     t = load_tensors(directory / doc.get("file", TENSOR_FILE), sha256=doc.get("sha256"))
     if "images" not in t or "labels" not in t:
         raise RayddError(f"{directory / TENSOR_FILE} lacks 'images' or 'labels'")
@@ -279,3 +280,19 @@ def load_synset(directory: str | Path) -> Synset:
                  mean=norm.get("mean"), std=norm.get("std"), directory=directory)
     syn.check()
     return syn
+
+
+def _check_manifest(path: Path, doc: dict[str, Any]) -> None:
+    """The fields load_synset relies on, typed, before any file they name is opened: a hand-edited
+    manifest must not read a file outside its directory or fail deep inside with a TypeError."""
+    file = doc.get("file", TENSOR_FILE)
+    if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+        raise RayddError(f"{path}: file {file!r} is invalid; expected the name of a file beside it, "
+                         f"e.g. {TENSOR_FILE!r}")
+    sha = doc.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64
+                                and all(c in "0123456789abcdef" for c in sha)):
+        raise RayddError(f"{path}: sha256 {sha!r} is invalid; expected 64 lowercase hex digits")
+    n = doc.get("num_classes")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise RayddError(f"{path}: num_classes {n!r} is invalid; expected an integer >= 1")

@@ -147,7 +147,8 @@ class _Progress:
     def __init__(self, enabled: bool, todo: list[int], epochs: int, every: float = 30.0):
         self.todo, self.epochs, self.every = todo, epochs, every
         self.enabled, self.tty = enabled, sys.stderr.isatty()
-        self.start = self.last_line = time.time()
+        self.last_line = time.time()
+        self.clock: tuple[float, int] | None = None   # (time, epochs done) at the first finished epoch
         self.done: set[int] = set()
         self.seen: dict[int, int] = {}
         self.bar = None
@@ -163,6 +164,10 @@ class _Progress:
         if not self.enabled:
             return
         n = self._epochs_done()
+        if self.clock is None and n > 0:
+            # the rate counts from the first finished epoch: Ray's start and each task's data loading
+            # would otherwise pass for slow epochs
+            self.clock = (time.time(), n)
         running = " ".join(f"{teacher_name(i)[8:]}:{e}/{self.epochs}" for i, e in sorted(self.seen.items())
                            if i not in self.done)
         if self.bar is not None:
@@ -172,8 +177,8 @@ class _Progress:
             self.bar.refresh()
         elif time.time() - self.last_line >= self.every:
             self.last_line = time.time()
-            elapsed = time.time() - self.start
-            rate = n / elapsed
+            t0, n0 = self.clock or (time.time(), 0)
+            rate = (n - n0) / (time.time() - t0) if n > n0 else 0.0
             total = len(self.todo) * self.epochs
             eta = f"{(total - n) / rate:.0f}s" if rate > 0 else "?"
             self._line(f"[teachers] {len(self.done)}/{len(self.todo)} done, {n}/{total} epochs, "
@@ -271,8 +276,13 @@ def train_teachers(cfg: Config, run_dir: str | os.PathLike, *, progress: bool = 
         return [done[i] for i in sorted(done)]
 
     zca = ensure_zca(cfg, run_dir, info)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, progress=progress)
     res = tc.resources
+    if progress:
+        reused = f" ({len(done)} reused)" if done else ""
+        print(f"[teachers] training {len(todo)} teachers{reused} as Ray tasks of {res.cpus:g} CPU"
+              + (f" + {res.gpus:g} GPU" if res.gpus else "") + f" each, {_at_once(res, len(todo))} at a time; "
+              f"{tc.epochs} epochs each", file=sys.stderr, flush=True)
     task = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=tc.max_retries,
                       retry_exceptions=True)(_teacher_task)
     tracker = ray.remote(num_cpus=0)(_Tracker).remote()
@@ -311,6 +321,19 @@ def train_teachers(cfg: Config, run_dir: str | os.PathLike, *, progress: bool = 
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise RayddError(failures[0] + more)
     return [done[i] for i in sorted(done)]
+
+
+def _at_once(res, tasks: int) -> str:
+    """How many of ``tasks`` tasks of ``res`` the running Ray runs at once, for the start line."""
+    import ray
+    try:
+        total = ray.cluster_resources()
+    except Exception:   # informative only
+        return "?"
+    fit = math.floor(total.get("CPU", 0) / res.cpus + 1e-9)
+    if res.gpus > 0:
+        fit = min(fit, math.floor(total.get("GPU", 0) / res.gpus + 1e-9))
+    return str(min(fit, tasks))
 
 
 def _same_dataset(out: Path, dataset: dict) -> bool:

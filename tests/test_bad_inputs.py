@@ -105,6 +105,29 @@ def _config(tmp, text, name="cfg.yaml"):
     return str(p)
 
 
+def _edited_synset(tmp, digits, **fields):
+    """A valid synset whose manifest.json then gets ``fields`` written over by hand; returns its directory."""
+    path = _synset(tmp / "syn", digits)
+    doc = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**doc, **fields}))
+    return str(path)
+
+
+def _edited_data(tmp, digits, **fields):
+    """A copy of the digits whose dataset.json then gets ``fields`` written over by hand; returns it."""
+    import shutil
+    new = tmp / "data"
+    shutil.copytree(digits, new)
+    doc = json.loads((new / "dataset.json").read_text())
+    (new / "dataset.json").write_text(json.dumps({**doc, **fields}))
+    return str(new)
+
+
+def _evaluate(t, d, o, synset):
+    return ["evaluate", "configs/digits.yaml", "--set", f"data.dir={d}", *TINY, "--set", "evaluate.modes=[hard]",
+            "--synset", synset, "--out", o]
+
+
 # (id, argv(tmp, digits, out) -> list, fragments the one line must hold)
 CASES = [
     ("binary config", lambda t, d, o: ["run", _config(t, b"\xff\xfe\x00\x81name: x"), "--out", o], ["cfg.yaml"]),
@@ -196,6 +219,29 @@ CASES = [
     ("unreachable ray.address", lambda t, d, o: ["teachers", "train", "configs/digits.yaml", "--set",
                                                  f"data.dir={d}", *TINY, "--set", "ray.num_cpus=null",
                                                  "--set", "ray.address=127.0.0.1:1", "--out", o], ["127.0.0.1:1"]),
+    # refused by the config, not after a run (or Ray's connect retries) had started
+    ("malformed ray.address", lambda t, d, o: ["teachers", "train", "configs/digits.yaml", "--set", f"data.dir={d}",
+                                               *TINY, "--set", "ray.num_cpus=null", "--set",
+                                               "ray.address=notahost:abc", "--out", o],
+     ["ray.address", "'notahost:abc'", "HOST:PORT"]),
+    ("seed beyond 2**32", lambda t, d, o: ["run", "configs/digits.yaml", "--set", f"data.dir={d}", *TINY, "--set",
+                                           "seed=99999999999999999999999", "--out", o], ["seed", "[0, 4294967295]"]),
+    ("config section null", lambda t, d, o: ["run", _config(t, "distill:\n"), "--set", f"data.dir={d}", *TINY,
+                                             "--out", o], ["distill: expected a mapping", "got null"]),
+    ("hand-edited dataset.json shape", lambda t, d, o: ["teachers", "train", "configs/digits.yaml", *TINY, "--set",
+                                                     f"data.dir={_edited_data(t, d, shape=[1, -8, 8])}", "--out", o],
+     ["dataset.json", "shape [1, -8, 8]"]),
+    ("hand-edited dataset.json num_classes", lambda t, d, o: ["teachers", "train", "configs/digits.yaml", *TINY, "--set",
+                                                    f"data.dir={_edited_data(t, d, num_classes=0)}", "--out", o],
+     ["dataset.json", "num_classes 0"]),
+    ("hand-edited synset sha256", lambda t, d, o: _evaluate(t, d, o, _edited_synset(t, d, sha256=5)),
+     ["manifest.json", "sha256 5"]),
+    ("hand-edited synset file outside", lambda t, d, o: _evaluate(t, d, o, _edited_synset(t, d, file="../../x")),
+     ["manifest.json", "file '../../x'"]),
+    ("hand-edited synset num_classes", lambda t, d, o: _evaluate(t, d, o, _edited_synset(t, d, num_classes="a")),
+     ["manifest.json", "num_classes 'a'"]),
+    ("synset of 5 classes for 10", lambda t, d, o: _evaluate(t, d, o, _edited_synset(t, d, num_classes=5)),
+     ["5 classes", "num_classes 10"]),
 ]
 
 
@@ -222,3 +268,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, fragments, tmp_pa
     kept = {out / ".raydd.lock"}
     after = sorted(p for p in tmp_path.rglob("*") if p not in kept)
     assert after == [p for p in before if p not in kept]
+
+
+def test_an_alias_bomb_is_quoted_briefly(tmp_path, capsys, monkeypatch):
+    """YAML anchors make ``name`` a list of 9**6 leaves held by reference; the error quotes it in one
+    short line (a full repr would be megabytes, or for a deeper bomb never finish)."""
+    text = "name:\n  - &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"  - &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcde", "bcdef"))
+    monkeypatch.chdir(Path(__file__).parents[1])
+    assert main(["config", "show", _config(tmp_path, text)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raydd: error: name: expected a string, got [[") and "\n" not in err, err[:300]
+    assert len(err) < 1000, len(err)

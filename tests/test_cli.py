@@ -22,7 +22,7 @@ def assert_one_line_error(proc, *fragments):
 def test_help_lists_commands():
     proc = raydd("--help")
     assert proc.returncode == 0
-    for cmd in ("data", "models", "teachers", "distill", "evaluate", "run"):
+    for cmd in ("data", "models", "teachers", "distill", "evaluate", "run", "rank", "export", "config"):
         assert cmd in proc.stdout
 
 

@@ -220,3 +220,27 @@ def test_ablations_and_the_layerwise_distance_update_the_images(variant):
     assert torch.isfinite(shard.images).all() and not torch.equal(shard.images, images)
     used = shard.gbm[:, :3 if cfg.md else 2]
     assert bool((used > 1e-6).all()) is cfg.gbm                        # accumulated only with GBM
+
+
+def test_random_baseline_of_a_packed_synset_gets_its_storage_budget(tmp_path, digits):
+    """4 decoded images per class from 1 stored one: the random subset gets 1 real image per class."""
+    import json
+
+    from raydd.config import EvalConfig, Resources
+    from raydd.data import load_info, sample_per_class
+    from raydd.evaluate.sources import prepare_sources
+    from raydd.synset import Synset, load_synset, save_synset
+    x, y = sample_per_class(load_info(digits), "train", 4, seed=0)
+    syn_dir = save_synset(tmp_path / "syn", Synset(x, y, meta={"num_classes": 10}))
+    args = (digits, EvalConfig(modes=["hard"]), [0], ["random"], None, "")
+    rest = (Resources(cpus=1), "cpu", False, None, None)
+    plain = prepare_sources(syn_dir, *args, tmp_path / "plain", *rest)
+    assert plain.ipc == 4
+    manifest = json.loads((syn_dir / "manifest.json").read_text())
+    manifest.setdefault("counts", {})["packing"] = {"per_stored": 4, "stored_per_class": 1,
+                                                    "images_per_class": 4, "factor": 2}
+    (syn_dir / "manifest.json").write_text(json.dumps(manifest))
+    packed = prepare_sources(syn_dir, *args, tmp_path / "packed", *rest)
+    assert packed.ipc == 1
+    assert load_synset(packed.sources["random"]["synset"].format(seed=0)).labels.numel() == 10
+    assert any("storage budget" in n for n in packed.notes)

@@ -44,3 +44,22 @@ def test_segments_only_split_a_mini_batch():
         d = load_config(CONFIGS / f"{name}.yaml").distill
         if d.segment is not None:
             assert d.batch_size is not None and d.batch_size % d.segment == 0
+
+
+def test_every_shipped_config_loads():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        assert load_config(path).name, path
+
+
+def test_pool_config_is_the_base_config_with_paper_002s_pool():
+    """APM alone vs APM + model pool must differ in the pool only, so the two synsets compare."""
+    import dataclasses
+    base = dataclasses.asdict(load_config(CONFIGS / "fashion_mnist_ipc10.yaml"))
+    pool = dataclasses.asdict(load_config(CONFIGS / "fashion_mnist_ipc10_pool.yaml"))
+    assert pool["distill"]["pool"]["p_main"] == 0.9 and base["distill"]["pool"]["p_main"] == 1.0
+    # Paper 002, Table 3: the other ConvNets draw activation, normalisation and pooling from these.
+    assert pool["distill"]["pool"]["activations"] == ["relu", "sigmoid", "leakyrelu", "swish"]
+    assert set(pool["distill"]["pool"]["pools"]) == {"avg", "max"}
+    for cfg in (base, pool):
+        cfg.pop("name"); cfg["distill"].pop("pool")
+    assert pool == base

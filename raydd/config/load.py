@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, brief
 from .schema import Config
 
 
@@ -109,7 +109,7 @@ def _build(cls: type, raw: Any, key: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{key or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {type(raw).__name__} {brief(raw)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in raw:
@@ -129,6 +129,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
+        if value is None:   # `distill:` with its keys lost (indentation, comments): not silently the defaults
+            raise ConfigError(f"{key}: expected a mapping (a config section), got null; drop {key} for its defaults")
         return _build(tp, value, key)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -140,34 +142,34 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 return _coerce(a, value, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(rest) == 1 else f"{key}: {value!r} matches none of {rest}")
+        raise ConfigError(errors[0] if len(rest) == 1 else f"{key}: {brief(value)} matches none of {rest}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+            raise ConfigError(f"{key}: {brief(value)} is not one of {', '.join(map(repr, args))}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {brief(value)}")
         return {_coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {brief(value)}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {brief(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {brief(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {brief(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {brief(value)}")
         return value
     if tp is Any:
         return value

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, brief
 from .hmdc import HMDCConfig
 
 
@@ -54,6 +54,10 @@ class RayConfig:
     num_gpus: Optional[int] = None
 
     def validate(self, key: str) -> None:
+        # a malformed address is refused here: Ray would retry it until the connect deadline
+        _check(self.address is None or bool(RAY_ADDRESS.fullmatch(self.address)), f"{key}.address", self.address,
+               "null (a local Ray), 'auto', or HOST:PORT of a running head node, e.g. 10.0.0.1:6379 "
+               "(ray://HOST:PORT for Ray Client)")
         _check(self.num_cpus is None or self.num_cpus >= 1, f"{key}.num_cpus", self.num_cpus, "null or an integer >= 1")
         _check(self.num_gpus is None or self.num_gpus >= 0, f"{key}.num_gpus", self.num_gpus, "null or an integer >= 0")
 
@@ -304,6 +308,9 @@ class TrackingConfig:
 
 EVAL_MODES = ("hard", "soft", "kd", "elf")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RAY_ADDRESS = re.compile(r"auto|local|(?:[a-z][a-z0-9+.-]*://)?(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])"
+                         r":(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3})")
+SEED_MAX = 2**32 - 1   # numpy's seed range; torch's is wider
 
 
 @dataclass
@@ -322,6 +329,7 @@ class Config:
     def validate(self, key: str = "") -> None:
         _check(isinstance(self.name, str) and bool(RUN_NAME.fullmatch(self.name)), "name", self.name,
                "letters, digits, '.', '_' or '-', starting with a letter or digit (it names runs/NAME)")
+        _check(0 <= self.seed <= SEED_MAX, "seed", self.seed, f"an integer in [0, {SEED_MAX}]")
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub) and hasattr(sub, "validate"):
@@ -365,7 +373,7 @@ class Config:
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}: {value!r} is invalid; expected {expected}")
+        raise ConfigError(f"{key}: {brief(value)} is invalid; expected {expected}")
 
 
 def _sgd(obj: Any, key: str, *names: str) -> None:

@@ -111,7 +111,14 @@ def _info(root: str, m: Any, url: str) -> DatasetInfo:
                 shown = e.get("name") if isinstance(e, dict) else e
                 raise DataError(f"{url}: shard name {shown!r} in split {split!r} is invalid; expected "
                                 "letters, digits, '.', '_' or '-' (e.g. train-000000.tar)")
-    c, h, w = (int(v) for v in m["shape"])
+    shape, n, classes = m["shape"], m["num_classes"], m["classes"]
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)):
+        raise DataError(f"{url}: shape {shape!r} is invalid; expected [channels, height, width], positive integers")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or not isinstance(classes, list) or len(classes) != n:
+        raise DataError(f"{url}: num_classes {n!r} is invalid; expected an integer >= 1, the length of its classes "
+                        f"list ({len(classes) if isinstance(classes, list) else classes!r})")
+    c, h, w = shape
     return DatasetInfo(root=root, source=m["source"], classes=list(m["classes"]),
                        num_classes=int(m["num_classes"]), shape=(c, h, w), image_size=h, in_channels=c,
                        mean=tuple(m["mean"]), std=tuple(m["std"]), counts=m["counts"], shards=m["shards"])

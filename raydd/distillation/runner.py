@@ -87,6 +87,41 @@ def _load_teachers(cfg: Config, run_dir: Path, info: Any) -> tuple[list[torch.nn
     return models, records
 
 
+def loss_explanation(cfg: Config) -> str:
+    """One line saying what the ``loss`` of the progress view and the curves is, and which way is good."""
+    d = cfg.distill
+    if d.method == "hmdc":
+        return ("loss (HMDC) = L1 + L2 + L3 summed over classes: distances between the gradients that real "
+                "and synthetic batches give the model pair (L3: the MD loss's), >= 0, lower = better matched")
+    term = ("" if d.objective == "linear" else "log ") + f"d_{d.distance}(student_k, teacher)"
+    line = (f"loss (APM, Eq. 4) = {d.alpha:g}·CE(teacher, label) − Σ over K={d.checkpoints} student checkpoints "
+            f"of {term}, per image: the images descend it, maximising the students' disagreement with the "
+            f"teacher, so it is negative by design and more negative = more adversarial")
+    if d.metadd.enabled:
+        line += "; MetaDD's terms come on top (loss_all in the curves)"
+    return line
+
+
+class _View(LiveView):
+    """The live view, with its rate/ETA clock started at the first finished round, not when the view
+    was made: Ray's start, the teacher service's loading and each worker's set-up would otherwise
+    count as slow rounds and the ETA would start far too long."""
+
+    def __init__(self, plans: list[GroupPlan], progress: ProgressArg):
+        super().__init__(plans, progress)
+        self.clock_started = False
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        if not self.clock_started and msg.get("kind") in ("round", "checkpoint", "done"):
+            self.clock_started = True
+            self.rounds[msg["group"]] = msg["round"]
+            self.t0, self.initial = time.monotonic(), sum(self.rounds.values())
+            if self.bar is not None:   # tqdm's own rate: from here, counting only the rounds after it
+                self.bar.reset(total=self.total)
+                self.bar.initial = self.bar.n = self.initial
+        super().handle(msg)
+
+
 def _finished(run_dir: Path, fingerprint_sha: str, t0: float) -> DistillResult | None:
     """The result of a complete earlier run of the same config, if RUN holds one intact."""
     out = run_dir / "synset"
@@ -137,7 +172,14 @@ def run_distill(cfg: Config, run_dir: str | Path, *, progress: ProgressArg = Tru
             inits[p.index] = (torch.zeros(p.ipc * info.num_classes, *info.shape),
                               torch.arange(info.num_classes).repeat_interleave(p.ipc))
 
-    view = LiveView(plans, progress)
+    if backend == "ray":   # before the view: Ray's start lines would otherwise cut through its bar
+        import ray
+        if not ray.is_initialized():
+            from ..raycluster import init_ray
+            init_ray(cfg.ray, progress=progress is True)
+    view = _View(plans, progress)
+    if todo:
+        view.note(loss_explanation(cfg))
     try:
         if backend == "local":
             from ..services import LocalService
@@ -166,11 +208,11 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
     from ray.exceptions import RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from ..services import RayService, start_service
+    from ..services import RayService, resources_text, start_service
 
     if not ray.is_initialized():
         from ..raycluster import init_ray
-        init_ray(cfg.ray)
+        init_ray(cfg.ray, progress=view.enabled)
     svc, res = cfg.distill.service, cfg.distill.resources
     device = ray_device(cfg, res, "distill.resources")
     service_device = ray_device(cfg, svc.resources, "distill.service.resources")
@@ -183,6 +225,9 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
         if hmdc_ray.sharded(cfg):   # a pair actor and class shards per group; teachers only for the soft labels
             hmdc_ray.distill_groups(cfg, todo, shape, device, view.handle)
             todo = []
+        t_service = time.monotonic()
+        on = f"{resources_text(svc.resources)} ({service_device})"
+        view.note(f"starting the teacher service: {len(records)} teachers on {on} …")
         handle = start_service(run_dir, name=service_name(cfg, run_dir), resources=svc.resources,
                                max_batch=svc.max_batch, max_restarts=svc.max_restarts, device=service_device)
         hosted = _service_size(handle)
@@ -190,8 +235,13 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
             raise RayddError(f"teacher service {service_name(cfg, run_dir)!r} hosts {hosted} networks but "
                              f"{run_dir / 'teachers'} has {len(records)}; it serves another run, so set "
                              f"distill.service.name to a new name")
+        view.note(f"teacher service up: {hosted} teachers on {on} ({time.monotonic() - t_service:.1f} s)")
         aux_device = ray_device(cfg, cfg.auxiliaries.service.resources, "auxiliaries.service.resources")
+        t_aux = time.monotonic()
         aux_handles = auxiliaries.start_shards(cfg, run_dir, list(aux_records), info, aux_device)
+        if aux_handles:
+            view.note(f"auxiliary service up: {len(aux_records)} networks in {len(aux_handles)} shard(s) "
+                      f"({time.monotonic() - t_aux:.1f} s)")
         # On the driver's node, which lives as long as the run: a board on a node that is lost would
         # take the run with it. Restartable anyway (soft affinity); lost progress messages are harmless.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
@@ -199,6 +249,9 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
             scheduling_strategy=here).remote()
         ray.get(board.take.remote())   # alive before any worker reports to it
         task = ray.remote(_group_task)
+        if todo:
+            view.note(f"{len(todo)} group task(s) submitted ({resources_text(res)} each); rate and ETA count "
+                      f"from the first finished round")
         for p in todo:
             # SPREAD: groups are equal and independent, so one per node balances a cluster best.
             opts = dict(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=cfg.distill.max_retries,

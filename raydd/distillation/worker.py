@@ -122,7 +122,8 @@ def distill_group(cfg: Config, plan: GroupPlan, init: tuple[torch.Tensor, torch.
     seconds = {k: float(v) for k, v in progress.get("seconds", {}).items()}
     base = {"group": plan.index, "rounds": plan.rounds, "pid": os.getpid(), "host": host, "node": node}
     report({**base, "kind": "start", "round": group.round, "start": len(progress["starts"])})
-    t0 = last_report = time.monotonic()
+    last_report = time.monotonic()
+    clock: tuple[float, int] | None = None   # (time, round) of the first finished round: the rate's origin
     failures = 0               # non-finite events since the last checkpoint
     loss = None
     try:
@@ -140,6 +141,7 @@ def distill_group(cfg: Config, plan: GroupPlan, init: tuple[torch.Tensor, torch.
                                      f"(now {cfg.distill.lr_img})")
                 progress["rollbacks"] += 1
                 group.reseed(plan.seed + ROLLBACK_SEED_STRIDE * progress["rollbacks"])
+                clock = None   # the rounds since the checkpoint run again
                 progress["rollback_log"].append({"failed": failed_at, "to": group.round})
                 write_json(plan.progress_path, progress)
                 report({**base, "kind": "rollback", "round": group.round, "failed": failed_at,
@@ -150,7 +152,10 @@ def distill_group(cfg: Config, plan: GroupPlan, init: tuple[torch.Tensor, torch.
             for k, v in stats.get("seconds", {}).items():
                 seconds[k] = seconds.get(k, 0.0) + float(v)
             now = time.monotonic()
-            rate = (group.round - start_round) / max(now - t0, 1e-9)
+            # from the first finished round on: the first one also pays for warm-up (threads, the real
+            # split, the first service calls) and would make the rate of a short run look far too slow
+            clock = clock or (now, group.round)
+            rate = (group.round - clock[1]) / (now - clock[0]) if now > clock[0] else 0.0
             checkpoint = group.round % cfg.distill.checkpoint_every == 0 and group.round < plan.rounds
             if checkpoint:
                 _save_state(plan, group)

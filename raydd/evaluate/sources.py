@@ -84,17 +84,26 @@ def prepare_sources(synset: str | Path | Synset, data: str, ecfg: EvalConfig, se
     else:
         syn_dir = Path(synset)
     syn = load_synset(syn_dir)
-    syn_sha = read_json(syn_dir / MANIFEST).get("sha256") or tensor_digest(syn)
+    manifest = read_json(syn_dir / MANIFEST)
+    syn_sha = manifest.get("sha256") or tensor_digest(syn)
     if tuple(syn.shape) != shape:
         raise DataError(f"synset {syn_dir} holds {shape_text(syn.shape)} images but the data {data} is {shape_text(shape)}")
     if syn.num_classes != classes:
-        raise DataError(f"synset {syn_dir} has {syn.num_classes} classes but the data {data} has {classes}")
+        raise DataError(f"synset {syn_dir} has {syn.num_classes} classes but the data {data} has {classes}; "
+                        f"expected num_classes {classes} in its {MANIFEST}")
     if int(syn.labels.max()) >= classes:
         raise DataError(f"synset {syn_dir} has labels up to {int(syn.labels.max())}, but the data {data} has "
                         f"{classes} classes; expected labels in 0..{classes - 1}")
     per_class = torch.bincount(syn.labels, minlength=classes)
     ipc = max(1, round(syn.labels.numel() / classes))
     notes: list[str] = []
+    packing = (manifest.get("counts") or {}).get("packing")
+    if isinstance(packing, dict) and isinstance(packing.get("stored_per_class"), int):
+        # A packed synset (HMDC's multi-formation) stores fewer, full-size images than it trains on; the
+        # random subset gets the same storage budget, as IDC/HMDC compare: stored images per class.
+        ipc = max(1, packing["stored_per_class"])
+        notes.append(f"the synset packs {packing.get('per_stored')} images into each stored one; the random "
+                     f"baseline uses its storage budget, {ipc} real images per class")
     if int(per_class.min()) != int(per_class.max()):
         notes.append(f"the synset has {int(per_class.min())}–{int(per_class.max())} images per class; "
                      f"the random baseline uses {ipc} per class")

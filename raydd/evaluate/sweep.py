@@ -177,7 +177,7 @@ def _execute(*, synset, data, ecfg, seeds, lrs, baselines, resources, teachers_d
             print(f"[evaluate] {len(pending)} {'studies' if search else 'trials'} to run ({len(reused)} reused) "
                   f"→ {storage}/{experiment}", flush=True)
         from ..raycluster import init_ray
-        init_ray(ray_cfg)
+        init_ray(ray_cfg, progress=progress)
         ran, grids = run_experiments(eval_trainable, ctx, pending, storage, experiment, resources, progress,
                                      {**tune_opts, "space": space.tune_params()}, journal, out_dir)
         returned = {r["label"] for r in ran}
@@ -311,8 +311,8 @@ def eval_trainable(config: dict[str, Any]) -> None:
         train = load_synset(src["synset"].format(seed=t["seed"]))
         if src.get("features"):
             train.elf_features = load_tensors(src["features"])["elf_features"]
-    base = {"started_at": started}
     total = int(epochs or ecfg.epochs)
+    base = {"started_at": started, "total_epochs": total}   # the driver's "epoch 40/100" lines
     every = ecfg.report_every or max(1, round(total / REPORTS))
     val = val_batches(ctx["val"], whiten) if ctx.get("val") else None
 

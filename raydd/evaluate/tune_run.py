@@ -26,6 +26,7 @@ import io
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -126,8 +127,9 @@ def run_experiments(trainable: Any, ctx: dict[str, Any], pending: list[dict[str,
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     scheduler, search_alg = tune_opts.get("scheduler"), tune_opts.get("search_alg")
     plan = ctx["trials"]
-    n_trials = sum(tune_opts["num_samples"] - t.get("done", 0) if t.get("study") else 1 for t in pending)
-    shared = ([trial_lines(n_trials)] if progress else []) + list(tune_opts.get("callbacks") or [])
+    planned = [t["arch"] for t in pending
+               for _ in range(tune_opts["num_samples"] - t.get("done", 0) if t.get("study") else 1)]
+    shared = ([trial_lines(plan, planned)] if progress else []) + list(tune_opts.get("callbacks") or [])
     trainable = tune.with_resources(trainable, {"cpu": res.cpus, "gpu": res.gpus})
     records, grids = [], []
     for bracket, trials in groups(pending, scheduler is not None or search_alg is not None):
@@ -140,6 +142,10 @@ def run_experiments(trainable: Any, ctx: dict[str, Any], pending: list[dict[str,
             space, n = {"trial": t["label"], "params": tune_opts["space"]}, tune_opts["num_samples"] - t.get("done", 0)
         else:
             space, n = {"trial": tune.grid_search([t["label"] for t in trials])}, 1
+        if progress:
+            each = f"{res.cpus:g} CPU" + (f" + {res.gpus:g} GPU" if res.gpus else "")
+            print(f"[evaluate] {'bracket ' + bracket + ': ' if bracket else ''}{len(trials) * n} trials, up to "
+                  f"{min(slots, len(trials) * n)} at a time ({each} each)", flush=True)
         callbacks = [curves_journal(journal, out_dir, plan, experiment, type(sched).__name__ if sched else None)]
         tuner = tune.Tuner(
             trainable, param_space={**space, "ctx": ctx},
@@ -205,26 +211,115 @@ def curves_journal(path: Path, out_dir: Path, plan: dict[str, dict[str, Any]], e
     return Journal()
 
 
-def trial_lines(total: int) -> Any:
-    """A Tune callback printing one line per finished, stopped or failed trial with count and ETA
-    (Tune's own tables are too loud for a terminal)."""
+EPOCH_LINE_EVERY_S = 30.0   # a running trial gets an "epoch 40/100" line at most this often (none before)
+
+
+def weighted_eta(elapsed: float, finished: list[tuple[str, float]], unfinished: list[tuple[str, float]],
+                 cut_seconds: float = 0.0) -> float | None:
+    """Seconds left of a sweep, each unfinished trial weighted by its architecture (a ResNet trial can
+    take twenty MLP trials' time, so counting trials alone misleads).
+
+    ``finished``: (architecture, seconds) of each trial that completed; ``unfinished``: (architecture,
+    fraction of its epochs done) of each planned trial not ended yet; ``cut_seconds``: the time of trials
+    that ended early (stopped, failed), work done that predicts nothing. A trial is expected to take the
+    mean seconds of the completed trials of its architecture, the mean of all completed ones for an
+    architecture none has completed; wall seconds per expected trial-second so far (``elapsed`` over
+    the work done, running trials' parts included) turn the work left into seconds. None before any
+    trial completed."""
+    if not finished or elapsed <= 0:
+        return None
+    by_arch: dict[str, list[float]] = {}
+    for arch, sec in finished:
+        by_arch.setdefault(arch, []).append(sec)
+    overall = sum(sec for _, sec in finished) / len(finished)
+    expect = {arch: sum(v) / len(v) for arch, v in by_arch.items()}
+    done = sum(sec for _, sec in finished) + cut_seconds + sum(expect.get(a, overall) * f for a, f in unfinished)
+    left = sum(expect.get(a, overall) * (1 - f) for a, f in unfinished)
+    return elapsed * left / done if done > 0 else None
+
+
+def eta_text(eta: float | None) -> str:
+    return "?" if eta is None else f"{eta:.0f}s"
+
+
+def trial_fraction(mode: str, result: dict[str, Any]) -> float:
+    """How much of a trial an intermediate report says is done: ``kd`` trains its teacher, then the student."""
+    total = result.get("total_epochs") or 0
+    frac = min(1.0, result.get("epoch", 0) / total) if total else 0.0
+    if mode == "kd":
+        frac = (frac + (result.get("phase") != "teacher")) / 2
+    return frac
+
+
+def trial_lines(plan: dict[str, dict[str, Any]], planned: list[str]) -> Any:
+    """A Tune callback printing one line per finished, stopped or failed trial with count and ETA, and
+    for a trial running longer than EPOCH_LINE_EVERY_S its epoch (Tune's own tables are too loud for a
+    terminal). ``planned``: the architecture of every trial to run, for :func:`weighted_eta`."""
     from ray import tune
+
+    total = len(planned)
 
     class TrialLines(tune.Callback):
         def __init__(self) -> None:
             self.done, self.t0 = 0, time.time()
+            self.finished: list[tuple[str, float]] = []   # (arch, seconds) of completed trials
+            self.ended: list[str] = []                    # the arch of every ended trial
+            self.cut = 0.0                                # seconds of trials that ended early
+            self.running: dict[str, tuple[str, float]] = {}   # trial id -> (arch, fraction done)
+            self.started: dict[str, float] = {}
+            self.last_line: dict[str, float] = {}
+
+        def eta(self) -> float | None:
+            left = dict(Counter(planned) - Counter(self.ended))
+            unfinished = []
+            for arch, frac in self.running.values():
+                if left.get(arch, 0) > 0:
+                    left[arch] -= 1
+                    unfinished.append((arch, frac))
+            unfinished += [(arch, 0.0) for arch, n in left.items() for _ in range(n)]
+            return weighted_eta(time.time() - self.t0, self.finished, unfinished, self.cut)
+
+        def _ended(self, trial: Any, seconds: float | None, complete: bool) -> None:
+            t = identity(plan, trial.config) or {}
+            arch = t.get("arch", "?")
+            self.running.pop(trial.trial_id, None)
+            self.ended.append(arch)
+            took = seconds if seconds is not None else time.time() - self.started.get(trial.trial_id, time.time())
+            if complete:
+                self.finished.append((arch, took))
+            else:
+                self.cut += took
 
         def _line(self, trial: Any, what: str) -> None:
             self.done += 1
             elapsed = time.time() - self.t0
-            eta = elapsed / self.done * max(0, total - self.done)
             label = trial.config.get("trial") + params_label(trial.config.get("params") or {})
-            print(f"[evaluate] {self.done}/{total} trials ({elapsed:.0f}s, ETA {eta:.0f}s) · {label}: {what}",
-                  flush=True)
+            print(f"[evaluate] {self.done}/{total} trials ({elapsed:.0f}s, ETA {eta_text(self.eta())}) · "
+                  f"{label}: {what}", flush=True)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started.setdefault(trial.trial_id, time.time())
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("phase") in (None, "done") or "epoch" not in result:
+                return
+            t = identity(plan, trial.config) or {}
+            self.running[trial.trial_id] = (t.get("arch", "?"), trial_fraction(t.get("mode", ""), result))
+            now = time.time()
+            since = self.last_line.get(trial.trial_id, self.started.setdefault(trial.trial_id, now))
+            if now - since < EPOCH_LINE_EVERY_S:
+                return
+            self.last_line[trial.trial_id] = now
+            label = trial.config.get("trial") + params_label(trial.config.get("params") or {})
+            phase = "teacher epoch" if result.get("phase") == "teacher" else "epoch"
+            of = f"/{result['total_epochs']}" if result.get("total_epochs") else ""
+            print(f"[evaluate] {label}: {phase} {result['epoch']}{of} "
+                  f"({now - self.started[trial.trial_id]:.0f}s in; sweep ETA {eta_text(self.eta())})", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
             acc = r.get("test_acc")
+            self._ended(trial, r.get("time_total_s"), acc is not None)
             if acc is not None:
                 self._line(trial, f"{acc:.2%} in {r.get('seconds', 0):.0f}s")
             elif r.get("epoch") is not None and METRIC in r:
@@ -233,6 +328,7 @@ def trial_lines(total: int) -> Any:
                 self._line(trial, "finished")
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended(trial, (trial.last_result or {}).get("time_total_s"), False)
             path = Path(trial.error_file) if trial.error_file else None
             text = path.read_text() if path is not None and path.exists() else "error"
             self._line(trial, f"FAILED: {first_line(Exception(text))}")
