@@ -143,7 +143,8 @@ def run_experiments(trainable: Any, ctx: dict[str, Any], pending: list[dict[str,
         else:
             space, n = {"trial": tune.grid_search([t["label"] for t in trials])}, 1
         if progress:
-            each = f"{res.cpus:g} CPU" + (f" + {res.gpus:g} GPU" if res.gpus else "")
+            from ..services import resources_text
+            each = resources_text(res)
             print(f"[evaluate] {'bracket ' + bracket + ': ' if bracket else ''}{len(trials) * n} trials, up to "
                   f"{min(slots, len(trials) * n)} at a time ({each} each)", flush=True)
         callbacks = [curves_journal(journal, out_dir, plan, experiment, type(sched).__name__ if sched else None)]
