@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -91,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         print("raydd: interrupted; finished work is kept — rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `raydd … | head` closed our stdout: stop quietly, as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # the interpreter's own flush at exit must not fail again
+        return 141
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -109,6 +109,8 @@ class ModelServiceActor:
                  threads: int | None = None, window_s: float = 0.001):
         if threads:
             torch.set_num_threads(threads)
+        from .train import keep_freed_memory
+        keep_freed_memory()
         self.local = LocalService(load_models(source), resolve_device(device))
         self.max_batch, self.window_s = max_batch, window_s
         self.queues: dict[tuple, list] = {}

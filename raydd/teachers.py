@@ -5,9 +5,12 @@ shards themselves (nothing big travels through the object store), writes every f
 teacher atomically as ``RUN/teachers/teacher-NNN.safetensors`` and rewrites
 ``RUN/teachers/teachers.json`` after each one, so a crash loses only the teachers in flight
 and a re-run trains only what is missing. ``load_teachers`` verifies checksums and specs.
+The index records, as synset manifests do, the versions and git commit that last trained into it
+(``provenance``) and each teacher's ``created`` time; indexes of older runs lack both and still load.
 """
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
 import os
@@ -24,6 +27,7 @@ from .config import Config
 from .errors import ConfigError, RayddError
 from .data.zca import ZCA, ensure_zca
 from .io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from .synset import provenance
 from .tracking import Curves, curves_dir, epoch_logger
 from .train import accuracy, resolve_device, set_threads, train_classifier
 
@@ -43,12 +47,21 @@ class Recipe:
     batch_size: int
     dsa: str | None          # DSA strategy, None = no augmentation
     zca: bool
+    precision: str = "fp32"  # "bf16": forwards under autocast (fp32 weights)
+
+    def record(self) -> dict:
+        """The recipe as teachers.json records it; fp32 is left out, as the records of before have it."""
+        rec = asdict(self)
+        if rec["precision"] == "fp32":
+            del rec["precision"]
+        return rec
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Recipe":
         t = cfg.teachers
         return cls(epochs=t.epochs, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                   batch_size=t.batch_size, dsa=cfg.data.dsa_strategy if t.dsa else None, zca=cfg.data.zca)
+                   batch_size=t.batch_size, dsa=cfg.data.dsa_strategy if t.dsa else None, zca=cfg.data.zca,
+                   precision=t.precision)
 
 
 def teacher_name(index: int) -> str:
@@ -100,7 +113,7 @@ def train_one_teacher(spec: str, info, seed: int, recipe: Recipe, *, zca: ZCA | 
     train_classifier(model, data, epochs=recipe.epochs, lr=recipe.lr, momentum=recipe.momentum,
                      weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
                      dsa=DSA(recipe.dsa) if recipe.dsa else None, device=device,
-                     generator=generator, progress=progress)
+                     generator=generator, precision=recipe.precision, progress=progress)
     acc = accuracy(model, test(), device)
     if curves is not None:
         curves.log(recipe.epochs, {"test_acc": acc})
@@ -209,17 +222,30 @@ def _task_device(cfg: Config) -> str:
     return "cuda" if gpus > 0 and cfg.device != "cpu" else "cpu"
 
 
-def _read_index(out: Path) -> dict[int, dict]:
-    """Records of an earlier run; an unreadable index only means everything is retrained."""
+def _read_index(out: Path) -> tuple[dict[int, dict], dict | None]:
+    """Records and provenance of an earlier run; an unreadable index only means everything is
+    retrained, and one without provenance (an older raydd) is read as None."""
     try:
         doc = read_json(out / INDEX)
-        return {int(r["index"]): r for r in doc["teachers"]}
-    except (RayddError, KeyError, TypeError, ValueError):
-        return {}
+        records = {int(r["index"]): r for r in doc["teachers"]}
+    except (RayddError, KeyError, TypeError, ValueError, AttributeError):
+        return {}, None
+    prov = doc.get("provenance")
+    return records, prov if isinstance(prov, dict) else None
 
 
-def _write_index(out: Path, dataset: dict, records: dict[int, dict]) -> None:
-    write_json(out / INDEX, {"dataset": dataset, "teachers": [records[i] for i in sorted(records)]})
+def _write_index(out: Path, dataset: dict, records: dict[int, dict], prov: dict | None = None) -> None:
+    doc = {"dataset": dataset, "teachers": [records[i] for i in sorted(records)]}
+    if prov is not None:
+        doc["provenance"] = prov
+    write_json(out / INDEX, doc)
+
+
+def _trained_provenance(prev: dict | None) -> dict:
+    """The index's provenance once this process has trained a teacher into it: this process's
+    versions and git commit, ``updated`` now, ``created`` kept from the first writer."""
+    now = provenance()
+    return {**now, "created": (prev or {}).get("created", now["created"]), "updated": now["created"]}
 
 
 def _reusable(rec: dict | None, want: dict, out: Path) -> bool:
@@ -264,13 +290,15 @@ def train_teachers(cfg: Config, run_dir: str | os.PathLike, *, progress: bool = 
     out.mkdir(parents=True, exist_ok=True)
     dataset = {"source": info.source, "classes": info.classes, "shape": list(info.shape)}
 
-    old = _read_index(out) if _same_dataset(out, dataset) else {}
-    wanted = {i: {"spec": spec, "seed": cfg.seed * 1000 + i, "epochs": tc.epochs, "recipe": asdict(recipe),
+    old, prov = _read_index(out) if _same_dataset(out, dataset) else ({}, None)
+    wanted = {i: {"spec": spec, "seed": cfg.seed * 1000 + i, "epochs": tc.epochs, "recipe": recipe.record(),
                   "in_channels": info.in_channels, "num_classes": info.num_classes,
                   "image_size": info.image_size, "shape": list(info.shape)}
               for i in range(tc.count)}
     done = {i: old[i] for i in wanted if _reusable(old.get(i), wanted[i], out)}
-    _write_index(out, dataset, done)  # drop stale records before anything else changes
+    if not done:
+        prov = None   # nothing left that the earlier provenance describes
+    _write_index(out, dataset, done, prov)  # drop stale records before anything else changes
     todo = [i for i in wanted if i not in done]
     if not todo:
         return [done[i] for i in sorted(done)]
@@ -309,7 +337,8 @@ def train_teachers(cfg: Config, run_dir: str | os.PathLike, *, progress: bool = 
                     continue
                 state, acc, seconds, cpu_seconds = result
                 done[i] = _save_teacher(out, i, state, acc, seconds, cpu_seconds, wanted[i])
-                _write_index(out, dataset, done)
+                prov = _trained_provenance(prov)
+                _write_index(out, dataset, done, prov)
                 bar.finished(i, acc, seconds)
             bar.update(ray.get(tracker.snapshot.remote()))
     finally:
@@ -350,7 +379,12 @@ def _save_teacher(out: Path, index: int, state: dict, acc: float, seconds: float
             "shape": "x".join(map(str, want["shape"]))}
     sha = save_tensors(out / f"{name}.safetensors", state, metadata=meta)
     return {"index": index, "file": f"{name}.safetensors", **want, "test_acc": acc,
-            "train_seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1), "sha256": sha}
+            "train_seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1), "sha256": sha,
+            "created": _now()}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------- loading

@@ -345,3 +345,24 @@ def test_group_with_the_model_zoo_dsa_and_pool():
     specs = [group.step(Services(svc))["student_spec"] for _ in range(4)]
     assert all(s != spec and s.startswith("convnet:") for s in specs)
     assert torch.isfinite(group.images).all() and not torch.equal(group.images, u)
+
+
+def test_bf16_students_store_fp32_checkpoints_close_to_fp32_training():
+    u, _ = data(12)
+    svc = service()
+    out = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(3)
+        student = student_net()
+        out[precision] = train_student(student, u, svc.logits(u, 1), epochs=6, checkpoints=2, lr=0.05, batch=8,
+                                       generator=torch.Generator().manual_seed(0), precision=precision)
+    for a, b in zip(out["fp32"], out["bf16"]):
+        w32, w16 = a["1.weight"], b["1.weight"]   # the BatchNorm's affine weight
+        assert w16.dtype == torch.float32 and b["0.weight"].dtype == torch.float32
+        assert not torch.equal(a["0.weight"], b["0.weight"])          # bf16 arithmetic really ran
+        assert torch.allclose(a["0.weight"], b["0.weight"], atol=0.05)  # and trains the same net
+    cfg = DistillConfig(ipc=2, rounds=2, student_epochs=2, checkpoints=1, precision="bf16")
+    g = APMGroup(cfg, *data(6), student_spec="tiny", in_channels=1, num_classes=3, image_size=8, seed=0,
+                 build_model=lambda spec: student_net())
+    stats = g.step(Services(svc))
+    assert stats["refreshed"] and g.images.dtype == torch.float32 and torch.isfinite(g.images).all()

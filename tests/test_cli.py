@@ -92,6 +92,15 @@ def test_version_and_help_with_an_example():
     assert "example" in text and "raydd run configs/digits.yaml" in text and "load_synset" in text
 
 
+def test_output_cut_short_by_the_reader_ends_quietly():
+    """`raydd models list --options | head -3`: the reader closes the pipe before raydd is done."""
+    proc = subprocess.Popen([sys.executable, "-m", "raydd", "models", "list", "--options"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()   # before raydd writes its first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
 def _main(capsys, *argv):
     from raydd.cli import main
     code = main(list(argv))

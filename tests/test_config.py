@@ -110,6 +110,8 @@ def test_run_dir_refuses_another_configs_outputs(tmp_path):
     ("teachers.momentum=-0.1", "teachers.momentum"), ("teachers.weight_decay=-1e-4", "teachers.weight_decay"),
     ("distill.momentum_img=-0.5", "distill.momentum_img"), ("evaluate.momentum=7", "evaluate.momentum"),
     ("evaluate.weight_decay=-1", "evaluate.weight_decay"), ("ray.num_cpus=-3", "ray.num_cpus"),
+    ("evaluate.max_concurrent=0", "evaluate.max_concurrent"), ("evaluate.precision=fp16", "evaluate.precision"),
+    ("teachers.precision=bf32", "teachers.precision"), ("distill.precision=half", "distill.precision"),
     ("name=../../..", "name"), ("name=a/b", "name"),
 ])
 def test_impossible_values_are_refused(override, key):

@@ -71,8 +71,12 @@ def test_elf_distances():
         elf_distance(pred, feat, "hamming")
 
 
-@pytest.mark.parametrize("mode", ["hard", "soft", "kd", "elf"])
-def test_loss_decreases_in_every_mode(mode):
+@pytest.mark.parametrize("mode, precision", [("hard", "fp32"), ("soft", "fp32"), ("kd", "fp32"), ("elf", "fp32"),
+                                             ("soft", "bf16"), ("elf", "bf16")])
+def test_loss_decreases_in_every_mode(mode, precision, monkeypatch):
+    import raydd.train
+    used, real = [], raydd.train.train_classifier
+    monkeypatch.setattr(raydd.train, "train_classifier", lambda *a, **kw: used.append(kw["precision"]) or real(*a, **kw))
     torch.manual_seed(0)
     x, y = _toy()
     soft = elf = None
@@ -82,7 +86,7 @@ def test_loss_decreases_in_every_mode(mode):
         fm = build("convnet:width=32", C, K, S)  # 32 feature channels vs the net's 16: 1×1 projections
         elf = extract_features(fm, x)
     seen = []
-    ecfg = _ecfg(epochs=16, lr=0.1, kd=_kd())
+    ecfg = _ecfg(epochs=16, lr=0.1, kd=_kd(), precision=precision)
     res = evaluate_once("convnet:width=16", mode, 0, Synset(x, y, soft_labels=soft, elf_features=elf),
                         _tests(x, y), ecfg, image_shape=(C, S, S), num_classes=K,
                         on_epoch=lambda phase, ep, loss: seen.append((phase, ep, loss)))
@@ -94,6 +98,7 @@ def test_loss_decreases_in_every_mode(mode):
     assert res["train_loss_last"] - floor < 0.9 * (res["train_loss_first"] - floor)
     assert res["train_loss_first"] == train[0] and res["train_loss_last"] == train[-1]
     assert 0.0 <= res["test_acc"] <= 1.0 and res["epochs"] == ecfg.epochs
+    assert used == [precision] * (2 if mode == "kd" else 1)   # the teacher of kd trains under it too
     if mode == "kd":
         assert [p for p, _, _ in seen].count("teacher") == ecfg.epochs and "teacher_acc" in res
     if mode == "elf":

@@ -173,3 +173,33 @@ def test_a_search_alg_study_resumes_by_count(syn, digits, ray_local):
     more = sweep(syn / "synset", ["mlp"], num_samples=3, search_alg=BasicVariantGenerator(random_state=4), **kwargs)
     assert len(more.trials) == 3 and len(more.result_grid) == 1   # one more trial, not three
     assert {t["key"] for t in res.trials} < {t["key"] for t in more.trials}
+
+
+def test_trial_cap_fits_a_local_ray_and_leaves_a_joined_cluster_to_its_autoscaler():
+    from raydd.config import Resources
+    from raydd.errors import RayddError
+    from raydd.evaluate.tune_run import trial_cap
+    cpu2, gpu = Resources(cpus=2), Resources(cpus=1, gpus=0.5)
+    assert trial_cap({"CPU": 7}, cpu2, None, joined=False) == (3, None)
+    assert trial_cap({"CPU": 7}, cpu2, 2, joined=False) == (2, None)
+    assert trial_cap({"CPU": 7}, cpu2, 9, joined=False) == (3, None)       # no more than fits
+    assert trial_cap({"CPU": 16, "GPU": 2}, gpu, None, joined=False) == (4, None)
+    with pytest.raises(RayddError, match=r"evaluate.resources \(1 CPU, 0.5 GPU per trial\) exceed .*0 GPU"):
+        trial_cap({"CPU": 16}, gpu, None, joined=False)
+    # a joined cluster: what it has now neither caps nor refuses; only max_concurrent caps
+    assert trial_cap({"CPU": 7}, cpu2, None, joined=True) == (None, None)
+    assert trial_cap({"CPU": 7}, cpu2, 12, joined=True) == (12, None)
+    cap, note = trial_cap({"CPU": 16}, gpu, None, joined=True)
+    assert cap is None and "16 CPU, 0 GPU now" in note and "autoscaler" in note and "\n" not in note
+
+
+def test_a_local_ray_is_not_a_joined_cluster():
+    from raydd.evaluate.tune_run import joined_cluster
+    started = not ray.is_initialized()   # earlier tests may leave their own local instance running
+    if started:
+        ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        assert joined_cluster() is False
+    finally:
+        if started:
+            ray.shutdown()

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from raydd.errors import RayddError
 from raydd.models import StagedNet, available, build, canonical_spec, options, variant
-from raydd.models.layers import InstanceNorm, LayerNorm2d, GroupNorm4
+from raydd.models.layers import AvgPool2x2, InstanceNorm, LayerNorm2d, GroupNorm4
 from raydd.models.registry import REGISTRY
 from raydd.models.timm_nets import fit_patch
 
@@ -144,7 +144,7 @@ def test_convnet_field_conventions():
     assert build("convnet_gn:width=8", 3, 10, 32).stages["block1"][1].num_groups == 4
     assert build("convnet_ln:width=8", 3, 10, 32).stages["block1"][1].num_groups == 1
     nn_block = build("convnet_nn", 3, 10, 32).stages["block1"]
-    assert [type(m) for m in nn_block] == [nn.Conv2d, nn.ReLU, nn.AvgPool2d]
+    assert [type(m) for m in nn_block] == [nn.Conv2d, nn.ReLU, AvgPool2x2]   # an nn.AvgPool2d(2, 2), faster
     acts = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "leakyrelu": nn.LeakyReLU, "swish": nn.SiLU,
             "gelu": nn.GELU}
     for act, cls in acts.items():
@@ -355,3 +355,22 @@ def test_options_describe_defaults_of_presets():
     assert options("lenet") == []
     with pytest.raises(RayddError, match="unknown model"):
         options("nope")
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 3, 6, 10), (2, 3, 7, 6)])
+def test_fast_avg_pool_equals_torch_with_first_and_second_derivatives(shape):
+    from raydd.models.layers import AvgPool2x2
+    pool = AvgPool2x2()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(pool(x), F.avg_pool2d(x, 2, 2), atol=1e-12)
+    assert torch.autograd.gradcheck(pool, (x,)) and torch.autograd.gradgradcheck(pool, (x,))
+    g = torch.randn_like(F.avg_pool2d(x, 2))
+    mine, = torch.autograd.grad(pool(x), x, g)
+    ref, = torch.autograd.grad(F.avg_pool2d(x, 2, 2), x, g)
+    assert torch.allclose(mine, ref, atol=1e-12)
+    # a stacked ensemble (vmap) goes through it, and the ConvNet uses it
+    xs = torch.randn(4, *shape, dtype=torch.float64)
+    assert torch.allclose(torch.func.vmap(pool)(xs), F.avg_pool2d(xs.flatten(0, 1), 2).unflatten(0, (4, shape[0])))
+    assert isinstance(build("convnet", 1, 10, 28).stages.block1[-1], AvgPool2x2)
+    cl = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(pool(cl), F.avg_pool2d(cl, 2))

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from raydd.config import RayConfig, from_dict
-from raydd.distillation import runner
+from raydd.distillation import LiveView, runner
 from raydd.evaluate import tune_run
 from raydd.evaluate.tune_run import trial_fraction, trial_lines, weighted_eta
 
@@ -83,7 +83,7 @@ def _plans(n: int, rounds: int):
 def test_eta_clock_starts_at_the_first_finished_round(monkeypatch, capsys):
     clock = Clock(0.0)
     monkeypatch.setattr(time, "monotonic", clock)
-    view = runner._View(_plans(1, 100), True)
+    view = LiveView(_plans(1, 100), True)
     base = {"group": 0, "rounds": 100, "pid": 1, "host": "h", "node": None}
     clock.t = 5.0
     view.handle({**base, "kind": "start", "round": 0, "start": 1})

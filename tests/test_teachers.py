@@ -72,6 +72,21 @@ def test_train_one_teacher_plain_torch(digits):
     assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
 
 
+def test_bf16_recipe_trains_under_autocast_and_only_it_is_recorded(digits):
+    from raydd.data import load_info
+    info = load_info(digits)
+    fp32, bf16 = (Recipe.from_config(config(digits, precision=p)) for p in ("fp32", "bf16"))
+    # fp32 records as teachers of before did (they stay reusable); bf16 is part of the recipe
+    assert "precision" not in fp32.record() and bf16.record() == {**fp32.record(), "precision": "bf16"}
+    assert Recipe(**bf16.record()) == bf16 and Recipe(**fp32.record()) == fp32
+    small = dict(epochs=3, batch_size=32, dsa=None)
+    s32, a32 = train_one_teacher("convnet:width=8", info, 7, Recipe(**{**fp32.record(), **small}))
+    s16, a16 = train_one_teacher("convnet:width=8", info, 7, Recipe(**{**bf16.record(), **small}))
+    assert all(v.dtype == torch.float32 for v in s16.values())       # fp32 weights kept
+    assert any(not torch.equal(s32[k], s16[k]) for k in s32)         # it did train in bf16
+    assert a16 > 0.5 and abs(a16 - a32) < 0.1
+
+
 def test_pool_written_reused_grown_and_loaded(digits, ray_local, tmp_path, capsys):
     from raydd.data import batches, load_info
     from raydd.train import accuracy
@@ -110,6 +125,43 @@ def test_pool_written_reused_grown_and_loaded(digits, ray_local, tmp_path, capsy
     info = load_info(digits)
     for model, rec in zip(models, loaded):
         assert accuracy(model, batches(info, "test", 1024), "cpu") == pytest.approx(rec["test_acc"])
+
+
+def test_index_records_provenance_and_older_indexes_still_load(digits, ray_local, tmp_path):
+    import datetime
+    import importlib.metadata
+
+    import raydd
+    run, index = tmp_path / "run", tmp_path / "run" / "teachers" / "teachers.json"
+    start = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    records = train_teachers(config(digits, count=1, epochs=1), run, progress=False)
+    doc = json.loads(index.read_text())
+    prov = doc["provenance"]
+    assert prov["versions"]["torch"] == torch.__version__ and prov["versions"]["raydd"] == raydd.__version__
+    assert prov["versions"]["ray"] == importlib.metadata.version("ray")
+    assert "git" in prov and prov["created"] == prov["updated"]
+    created = datetime.datetime.fromisoformat(records[0]["created"])
+    assert start <= created <= datetime.datetime.now(datetime.timezone.utc)
+    assert datetime.datetime.fromisoformat(prov["created"]) >= created
+
+    # Recorded versions are not part of what makes a teacher reusable: a re-run under other
+    # versions reuses it and keeps the index's provenance and the record's time.
+    doc["provenance"]["versions"]["torch"] = "0.0.1"
+    index.write_text(json.dumps(doc))
+    before = mtimes(run)
+    assert train_teachers(config(digits, count=1, epochs=1), run, progress=False) == records
+    assert mtimes(run) == before and json.loads(index.read_text())["provenance"] == doc["provenance"]
+
+    # An index written before provenance was recorded: reused, loaded, and grown with new records.
+    del doc["provenance"], doc["teachers"][0]["created"]
+    index.write_text(json.dumps(doc))
+    assert train_teachers(config(digits, count=1, epochs=1), run, progress=False) == doc["teachers"]
+    assert mtimes(run) == before and "provenance" not in json.loads(index.read_text())
+    assert load_teachers(run)[1] == doc["teachers"]
+    grown = train_teachers(config(digits, count=2, epochs=1), run, progress=False)
+    assert mtimes(run)["teacher-000.safetensors"] == before["teacher-000.safetensors"]
+    assert "created" not in grown[0] and "created" in grown[1]
+    assert json.loads(index.read_text())["provenance"]["versions"]["torch"] == torch.__version__
 
 
 def test_checksum_and_spec_are_verified(digits, ray_local, tmp_path):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from raydd.augment import DSA
 from raydd.errors import RayddError
-from raydd.train import accuracy, resolve_device, set_threads, tensor_batches, train_classifier
+from raydd.train import accuracy, autocast, keep_freed_memory, resolve_device, set_threads, tensor_batches, train_classifier
 
 
 def blobs(n=200, seed=0):
@@ -163,3 +163,49 @@ def test_tensor_batches_cover_everything_once():
     out = torch.cat([b for (b,) in tensor_batches((x,), 3, shuffle=True,
                                                   generator=torch.Generator().manual_seed(0))])
     assert sorted(out.tolist()) == list(range(10)) and out.tolist() != list(range(10))
+
+
+def test_freed_memory_is_kept_in_the_heap_once_per_process():
+    import subprocess
+    import sys
+    code = ("import ctypes, torch; from raydd.train import keep_freed_memory as k; "
+            "a = k(); b = k(); print(a, b)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True"]          # glibc (Linux CI): applied, and asking again changes nothing
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "RAYDD_KEEP_HEAP": "0"}).stdout.split()
+    assert off == ["False", "False"]
+    assert isinstance(keep_freed_memory(), bool)
+
+
+def test_bf16_training_keeps_fp32_weights_and_learns_like_fp32():
+    x, y = blobs()
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        net = small_net()
+        hist = train_classifier(net, (x, y), epochs=30, lr=0.1, batch_size=50, precision=precision,
+                                generator=torch.Generator().manual_seed(0))
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+        runs[precision] = (hist, accuracy(net, [(x, y)]), net)
+    (h32, a32, n32), (h16, a16, n16) = runs["fp32"], runs["bf16"]
+    assert a16 >= 0.95 and abs(a16 - a32) <= 0.03
+    assert not torch.equal(n32[1].weight, n16[1].weight)      # bf16 really ran: rounding differs
+    assert h16[-1] < h16[0] * 0.5
+
+
+def test_bf16_without_hardware_support_is_said_once(monkeypatch, capsys):
+    import raydd.train as train
+    monkeypatch.setattr(train, "_bf16_warned", False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert train.bf16_native("cpu") is False
+    with autocast("cpu", "fp32"):
+        pass
+    assert capsys.readouterr().err == ""            # fp32 asks for nothing
+    for _ in range(3):
+        with autocast("cpu", "bf16"):
+            assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16   # still bf16
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "precision bf16 on a CPU without AVX512-BF16 or AMX" in err
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert train.bf16_native("cpu") is True

@@ -1,8 +1,9 @@
-"""Test-set pass and training step of evaluation architectures on one CPU thread.
+"""Test-set pass and training step (fp32 and bf16 autocast) of evaluation architectures on CPU.
 
 Times a forward pass over ``--images`` test-sized images in eval mode, once in PyTorch's default
 (contiguous) layout and once channels-last (what :func:`raydd.train.accuracy` uses on CPU), and a
-training step on a 100-image batch (IPC 10 × 10 classes: one step per epoch). Best of
+training step on a 100-image batch (IPC 10 × 10 classes: one step per epoch) in fp32 and under
+bf16 autocast (``evaluate.precision: bf16``). Best of
 ``--repeats`` after a warm-up; both layouts are timed back to back.
 
     python tools/bench_eval.py resnet18 vgg11 convnet:width=32 --shape 1,28,28
@@ -15,6 +16,7 @@ import time
 import torch
 
 from raydd.models import build
+from raydd.train import autocast, set_threads
 
 DEFAULT_ARCHS = ("convnet:width=32", "resnet18", "vgg11", "alexnet", "mobilenetv2", "vit_tiny")
 
@@ -36,32 +38,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="1,28,28", help="C,H,W")
     p.add_argument("--images", type=int, default=1024, help="test images per forward pass")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    set_threads(args.threads)   # as a trial does: threads, and freed memory kept for reuse
     c, h, w = (int(v) for v in args.shape.split(","))
     x = torch.randn(args.images, c, h, w)
     xb, yb = torch.randn(100, c, h, w), torch.randint(0, 10, (100,))
-    print("| architecture | test pass, contiguous (s) | channels-last (s) | speed-up | train step (s) |")
-    print("|---|---|---|---|---|")
+    print("| architecture | test pass, contiguous (s) | channels-last (s) | speed-up | train step fp32 (s) "
+          "| bf16 autocast (s) | speed-up |")
+    print("|---|---|---|---|---|---|---|")
     for arch in args.archs:
         torch.manual_seed(0)
         net = build(arch, c, 10, h)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
-        def step():
-            loss = torch.nn.functional.cross_entropy(net(xb), yb)
+        def step(precision):
+            with autocast("cpu", precision):
+                loss = torch.nn.functional.cross_entropy(net(xb).float(), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
 
-        train = _seconds(step, args.repeats)
+        train = _seconds(lambda: step("fp32"), args.repeats)
+        train16 = _seconds(lambda: step("bf16"), args.repeats)
         net.eval()
         with torch.no_grad():
             plain = _seconds(lambda: net(x), args.repeats)
             net.to(memory_format=torch.channels_last)
             xc = x.contiguous(memory_format=torch.channels_last)
             last = _seconds(lambda: net(xc), args.repeats)
-        print(f"| {arch} | {plain:.2f} | {last:.2f} | {plain / last:.2f}× | {train:.3f} |", flush=True)
+        print(f"| {arch} | {plain:.2f} | {last:.2f} | {plain / last:.2f}× | {train:.3f} | {train16:.3f} "
+              f"| {train / train16:.2f}× |", flush=True)
     return 0
 
 

@@ -72,6 +72,7 @@ class TeachersConfig:
     weight_decay: float = 5e-4
     batch_size: int = 256
     dsa: bool = True
+    precision: Literal["fp32", "bf16"] = "fp32"   # bf16: forwards under autocast, fp32 weights and optimiser
     max_retries: int = 2
     resources: Resources = field(default_factory=Resources)
 
@@ -132,6 +133,8 @@ class DistillConfig:
     init: Literal["real", "noise"] = "real"
     dsa: bool = True
     soft_labels: Literal["first", "mean"] = "first"
+    # students train under bf16 autocast (fp32 weights and optimiser); the image gradient stays fp32
+    precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_every: int = 50
     max_retries: int = 3
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -253,6 +256,10 @@ class EvalConfig:
     # None = 500 (at most a tenth of the split) when a scheduler/search needs a metric, else none
     val_size: Optional[int] = None
     report_every: Optional[int] = None  # epochs between a trial's intermediate reports; None: epochs/10
+    # trials run at once; None: what fits in a local Ray, uncapped on a joined cluster (its autoscaler
+    # sees the queued trials' demand)
+    max_concurrent: Optional[int] = None
+    precision: Literal["fp32", "bf16"] = "fp32"   # bf16: forwards under autocast, fp32 weights and optimiser
     kd: KDConfig = field(default_factory=KDConfig)
     elf: ELFConfig = field(default_factory=ELFConfig)
     resources: Resources = field(default_factory=Resources)
@@ -277,6 +284,8 @@ class EvalConfig:
                "null or an integer >= 0 (0: no validation split)")
         _check(self.report_every is None or self.report_every >= 1, f"{key}.report_every", self.report_every,
                "null or an integer >= 1")
+        _check(self.max_concurrent is None or self.max_concurrent >= 1, f"{key}.max_concurrent",
+               self.max_concurrent, "null (as many as the cluster provides) or an integer >= 1")
         self.kd.validate(f"{key}.kd")
         self.elf.validate(f"{key}.elf")
         self.mode_archs.validate(f"{key}.mode_archs", self.archs, self.modes)

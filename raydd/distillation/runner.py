@@ -102,26 +102,6 @@ def loss_explanation(cfg: Config) -> str:
     return line
 
 
-class _View(LiveView):
-    """The live view, with its rate/ETA clock started at the first finished round, not when the view
-    was made: Ray's start, the teacher service's loading and each worker's set-up would otherwise
-    count as slow rounds and the ETA would start far too long."""
-
-    def __init__(self, plans: list[GroupPlan], progress: ProgressArg):
-        super().__init__(plans, progress)
-        self.clock_started = False
-
-    def handle(self, msg: dict[str, Any]) -> None:
-        if not self.clock_started and msg.get("kind") in ("round", "checkpoint", "done"):
-            self.clock_started = True
-            self.rounds[msg["group"]] = msg["round"]
-            self.t0, self.initial = time.monotonic(), sum(self.rounds.values())
-            if self.bar is not None:   # tqdm's own rate: from here, counting only the rounds after it
-                self.bar.reset(total=self.total)
-                self.bar.initial = self.bar.n = self.initial
-        super().handle(msg)
-
-
 def _finished(run_dir: Path, fingerprint_sha: str, t0: float) -> DistillResult | None:
     """The result of a complete earlier run of the same config, if RUN holds one intact."""
     out = run_dir / "synset"
@@ -177,7 +157,7 @@ def run_distill(cfg: Config, run_dir: str | Path, *, progress: ProgressArg = Tru
         if not ray.is_initialized():
             from ..raycluster import init_ray
             init_ray(cfg.ray, progress=progress is True)
-    view = _View(plans, progress)
+    view = LiveView(plans, progress)
     if todo:
         view.note(loss_explanation(cfg))
     try:

@@ -16,6 +16,9 @@ class LiveView:
     """One view of the whole run: a tqdm bar on a terminal, else a status line every 10 s.
 
     ``progress`` may also be a callable, which then receives every message instead.
+    The rate/ETA clock starts at the first finished round, not when the view is made: Ray's
+    start, the teacher service's loading and each worker's set-up would otherwise count as
+    slow rounds and the ETA would start far too long.
     """
 
     LINE_EVERY_S = 10.0
@@ -29,6 +32,7 @@ class LiveView:
         self.total = sum(p.rounds for p in plans)
         self.initial = sum(self.rounds.values())
         self.t0 = self.last_line = time.monotonic()
+        self.clock_started = False
         self.bar = None
         if self.enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -36,6 +40,8 @@ class LiveView:
                             file=sys.stderr, dynamic_ncols=True)
 
     def handle(self, msg: dict[str, Any]) -> None:
+        if not self.clock_started and msg.get("kind") in ("round", "checkpoint", "done"):
+            self._start_clock(msg)
         if self.callback is not None:
             self.callback(msg)
             return
@@ -52,6 +58,14 @@ class LiveView:
         elif kind == "done":
             self.done[g] = True
         self.refresh()
+
+    def _start_clock(self, msg: dict[str, Any]) -> None:
+        self.clock_started = True
+        self.rounds[msg["group"]] = msg["round"]
+        self.t0, self.initial = time.monotonic(), sum(self.rounds.values())
+        if self.bar is not None:   # tqdm's own rate: from here, counting only the rounds after it
+            self.bar.reset(total=self.total)
+            self.bar.initial = self.bar.n = self.initial
 
     def note(self, text: str) -> None:
         if self.callback is not None or not self.enabled:

@@ -158,7 +158,7 @@ def train_feature_model(spec: str, train_data: tuple | Callable[[], Iterable], e
     dsa = DSA(dsa_strategy) if ecfg.dsa and dsa_strategy else None
     train_classifier(model, train_data, epochs=epochs, lr=ecfg.lr, momentum=ecfg.momentum,
                      weight_decay=ecfg.weight_decay, batch_size=ecfg.batch_size, dsa=dsa, device=device,
-                     generator=torch.Generator().manual_seed(int(seed)),
+                     generator=torch.Generator().manual_seed(int(seed)), precision=ecfg.precision,
                      progress=None if on_epoch is None else (lambda ep, loss: on_epoch("features", ep, loss)))
     return model.eval()
 

@@ -107,7 +107,8 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
     dsa = DSA(dsa_strategy) if ecfg.dsa and dsa_strategy else None
     gen = torch.Generator().manual_seed(int(seed))
     common = dict(epochs=epochs, lr=lr, momentum=ecfg.momentum, weight_decay=ecfg.weight_decay,
-                  batch_size=ecfg.batch_size, dsa=dsa, device=device, generator=gen)
+                  batch_size=ecfg.batch_size, dsa=dsa, device=device, generator=gen,
+                  precision=ecfg.precision)
 
     def hook(phase: str, model: nn.Module | None = None):
         if on_epoch is None:

@@ -113,6 +113,8 @@ def _execute(*, synset, data, ecfg, seeds, lrs, baselines, resources, teachers_d
                     trial_device, progress, zca, ray_cfg, needs_val=compared or space.searched, val_seed=val_seed)
     settings = {k: v for k, v in dataclasses.asdict(ecfg).items() if k not in NOT_SETTINGS | MODE_SETTINGS}
     settings["dsa_strategy"] = dsa_strategy
+    if settings.get("precision") == "fp32":   # the default keeps the trial keys of before the setting existed
+        del settings["precision"]
 
     multi_lr = len(lrs) > 1
     if multi_lr and ecfg.arch_lr:

@@ -108,6 +108,46 @@ def groups(pending: list[dict[str, Any]], separate: bool) -> list[tuple[str, lis
     return list(out.items())
 
 
+def trial_cap(total: dict[str, float], res: Resources, max_concurrent: int | None,
+              joined: bool) -> tuple[int | None, str | None]:
+    """How many trials Tune may run at once (None: no cap) and a line for the user, if any.
+
+    A local Ray's resources are fixed: the cap is what fits in ``total`` (``max_concurrent`` lowers
+    it) and trials that fit nowhere are refused. A joined cluster may autoscale: its current
+    resources cap and refuse nothing, since the queued trials are the demand its autoscaler adds
+    nodes for; only ``max_concurrent`` caps there.
+    """
+    fit = math.floor(total.get("CPU", 0) / res.cpus + 1e-9)
+    if res.gpus > 0:
+        fit = min(fit, math.floor(total.get("GPU", 0) / res.gpus + 1e-9))
+    has = f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU"
+    each = f"{res.cpus:g} CPU, {res.gpus:g} GPU per trial"
+    if not joined:
+        if fit < 1:
+            raise RayddError(f"evaluate.resources ({each}) exceed the Ray cluster ({has})")
+        return (fit if max_concurrent is None else min(fit, max_concurrent)), None
+    note = (f"the Ray cluster has {has} now, too little for one trial ({each}); the trials wait until "
+            f"it provides the resources (an autoscaler adds nodes for them)") if fit < 1 else None
+    return max_concurrent, note
+
+
+def joined_cluster() -> bool:
+    """Whether this driver joined a running Ray cluster (ray.address), which may autoscale, rather
+    than starting its own local instance, whose resources are all there will ever be."""
+    import ray
+    try:
+        from ray.util.client import ray as client
+        if client.is_connected():   # Ray Client (ray://): always somebody else's cluster
+            return True
+    except Exception:  # noqa: BLE001 - Ray Client is optional
+        pass
+    try:   # a private API (as in raycluster); if Ray stops offering it, a local instance's rules hold
+        node = ray._private.worker._global_node
+    except AttributeError:
+        return False
+    return node is not None and getattr(node, "head", True) is False
+
+
 def run_experiments(trainable: Any, ctx: dict[str, Any], pending: list[dict[str, Any]], storage: str,
                     experiment: str, res: Resources, progress: bool, tune_opts: dict[str, Any],
                     journal: Path, out_dir: Path) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -115,13 +155,9 @@ def run_experiments(trainable: Any, ctx: dict[str, Any], pending: list[dict[str,
     import ray
     from ray import tune
 
-    total = ray.cluster_resources()
-    slots = math.floor(total.get("CPU", 0) / res.cpus + 1e-9)
-    if res.gpus > 0:
-        slots = min(slots, math.floor(total.get("GPU", 0) / res.gpus + 1e-9))
-    if slots < 1:
-        raise RayddError(f"evaluate.resources ({res.cpus:g} CPU, {res.gpus:g} GPU per trial) exceed the Ray "
-                         f"cluster ({total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU)")
+    cap, note = trial_cap(ray.cluster_resources(), res, ctx["ecfg"].get("max_concurrent"), joined_cluster())
+    if note and progress:
+        print(f"[evaluate] {note}", flush=True)
     # Tune's new console output prints an experiment banner even at verbose=0; the classic one stays
     # silent, leaving the per-trial lines of _trial_lines (scoped: the caller's environment is restored)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -145,13 +181,15 @@ def run_experiments(trainable: Any, ctx: dict[str, Any], pending: list[dict[str,
         if progress:
             from ..services import resources_text
             each = resources_text(res)
-            print(f"[evaluate] {'bracket ' + bracket + ': ' if bracket else ''}{len(trials) * n} trials, up to "
-                  f"{min(slots, len(trials) * n)} at a time ({each} each)", flush=True)
+            at_once = f"up to {min(cap, len(trials) * n)}" if cap else "as many as the cluster provides"
+            print(f"[evaluate] {'bracket ' + bracket + ': ' if bracket else ''}{len(trials) * n} trials, "
+                  f"{at_once} at a time ({each} each)", flush=True)
         callbacks = [curves_journal(journal, out_dir, plan, experiment, type(sched).__name__ if sched else None)]
         tuner = tune.Tuner(
             trainable, param_space={**space, "ctx": ctx},
             # reuse_actors: a trial's worker keeps torch/timm imported for the next one (seconds each)
-            tune_config=tune.TuneConfig(max_concurrent_trials=min(slots, len(trials) * n), scheduler=sched,
+            tune_config=tune.TuneConfig(max_concurrent_trials=min(cap, len(trials) * n) if cap else None,
+                                        scheduler=sched,
                                         search_alg=search, num_samples=n, reuse_actors=True, **metric),
             run_config=tune.RunConfig(storage_path=storage, name=name, verbose=0, callbacks=callbacks + shared,
                                       failure_config=tune.FailureConfig(max_failures=1),

@@ -54,12 +54,14 @@ def checkpoint_epochs(epochs: int, k: int) -> list[int]:
 
 def train_student(student: nn.Module, u: Tensor, targets: Tensor, *, epochs: int, checkpoints: int,
                   lr: float, batch: int, dsa: Callable | None = None,
-                  generator: torch.Generator | None = None) -> list[StateDict]:
+                  generator: torch.Generator | None = None, precision: str = "fp32") -> list[StateDict]:
     """Algorithm 1 lines 5-9: L1 between the student's logits on (DSA-augmented) ``u`` and
     ``targets``, the teacher's logits on the *un-augmented* ``u`` (as the official code).
 
     SGD momentum 0.9, wd 5e-4, lr ×0.1 after E/2. Training stops at the last checkpoint, since
-    later epochs could not change any stored state."""
+    later epochs could not change any stored state. ``precision`` "bf16": forward and loss under
+    bf16 autocast, weights, optimiser and the stored checkpoints fp32."""
+    from ..train import autocast
     keep = checkpoint_epochs(epochs, checkpoints)
     u, targets = u.detach(), targets.detach()
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -72,7 +74,8 @@ def train_student(student: nn.Module, u: Tensor, targets: Tensor, *, epochs: int
         for i in range(0, len(u), batch):
             idx = order[i:i + batch]
             x = u[idx] if dsa is None else dsa(u[idx], generator=generator)
-            loss = F.l1_loss(student(x), targets[idx])
+            with autocast(u.device, precision):
+                loss = F.l1_loss(student(x).float(), targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -268,7 +271,8 @@ class APMGroup(Method):
         targets = torch.cat([service.logits(u[i:i + seg], self.teacher) for i in range(0, len(u), seg)])
         self.checkpoints = train_student(self.student, u, targets, epochs=cfg.student_epochs,
                                          checkpoints=cfg.checkpoints, lr=cfg.lr_net,
-                                         batch=cfg.student_batch, dsa=self.dsa, generator=self.gen)
+                                         batch=cfg.student_batch, dsa=self.dsa, generator=self.gen,
+                                         precision=cfg.precision)
 
     def _fresh_student(self, spec: str, seed: int) -> nn.Module:
         # Initialise from our own generator's draw, not the process-wide RNG, so the group is
