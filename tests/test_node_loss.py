@@ -38,7 +38,8 @@ def _one_teacher(cfg, run):
 
     from raydd.data import load_info
     from raydd.models import build
-    from raydd.teachers import TEACHERS_DIR, Recipe, _save_teacher, _write_index, train_one_teacher
+    from raydd.teacher_index import TEACHERS_DIR, save_teacher, write_index
+    from raydd.teachers import Recipe, train_one_teacher
     info = load_info(cfg.data.dir)
     spec = build(cfg.teachers.arch, info.in_channels, info.num_classes, info.image_size).spec
     recipe = Recipe.from_config(cfg)
@@ -46,8 +47,8 @@ def _one_teacher(cfg, run):
             "num_classes": info.num_classes, "image_size": info.image_size, "shape": list(info.shape)}
     state, acc = train_one_teacher(spec, info, 0, recipe)
     out = run / TEACHERS_DIR
-    rec = _save_teacher(out, 0, state, acc, 0.0, 0.0, want)
-    _write_index(out, {"source": info.source, "classes": info.classes, "shape": list(info.shape)}, {0: rec})
+    rec = save_teacher(out, 0, state, acc, 0.0, 0.0, want)
+    write_index(out, {"source": info.source, "classes": info.classes, "shape": list(info.shape)}, {0: rec})
 
 
 def test_a_removed_worker_node_loses_no_group_and_duplicates_none(digits, tmp_path):

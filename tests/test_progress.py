@@ -103,7 +103,7 @@ def _write_teachers(run: Path, digits: str, n: int = 2) -> None:
 
     from raydd.data import load_info
     from raydd.models import build
-    from raydd.teachers import TEACHERS_DIR, _save_teacher, _write_index
+    from raydd.teacher_index import TEACHERS_DIR, save_teacher, write_index
     out = run / TEACHERS_DIR
     out.mkdir(parents=True)
     info = load_info(digits)
@@ -113,8 +113,8 @@ def _write_teachers(run: Path, digits: str, n: int = 2) -> None:
         net = build("convnet:width=8", info.in_channels, info.num_classes, info.image_size)
         want = {"spec": net.spec, "seed": i, "num_classes": info.num_classes, "in_channels": info.in_channels,
                 "image_size": info.image_size, "shape": list(info.shape)}
-        records[i] = _save_teacher(out, i, net.state_dict(), 0.1, 0.0, 0.0, want)
-    _write_index(out, {"source": info.source, "classes": info.classes, "shape": list(info.shape)}, records)
+        records[i] = save_teacher(out, i, net.state_dict(), 0.1, 0.0, 0.0, want)
+    write_index(out, {"source": info.source, "classes": info.classes, "shape": list(info.shape)}, records)
 
 
 def test_loss_is_explained_exactly_once_at_the_start(digits, tmp_path, capfd):

@@ -42,8 +42,8 @@ def _local_teacher(cfg, run):
     state, acc = T.train_one_teacher(spec, info, 0, recipe)
     out = run / T.TEACHERS_DIR
     out.mkdir(parents=True)
-    rec = T._save_teacher(out, 0, state, acc, time.time() - t0, time.process_time(), want)
-    T._write_index(out, {"source": info.source, "classes": info.classes, "shape": list(info.shape)}, {0: rec})
+    rec = T.save_teacher(out, 0, state, acc, time.time() - t0, time.process_time(), want)
+    T.write_index(out, {"source": info.source, "classes": info.classes, "shape": list(info.shape)}, {0: rec})
 
 
 @pytest.fixture(scope="module")
