@@ -209,3 +209,17 @@ def test_bf16_without_hardware_support_is_said_once(monkeypatch, capsys):
     assert err.count("\n") == 1 and "precision bf16 on a CPU without AVX512-BF16 or AMX" in err
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert train.bf16_native("cpu") is True
+
+
+@pytest.mark.parametrize("norm, channels_last", [("batch", True), ("instance", False), ("group", False)])
+def test_accuracy_runs_channels_last_only_without_groupnorm(norm, channels_last):
+    from raydd.models import build
+    net = build(f"convnet:width=8,depth=1,norm={norm}", 3, 10, 8)
+    seen = []
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    acc = accuracy(net, [(x, y)], "cpu")
+    net.eval()
+    assert seen == [channels_last] and acc == (net(x).argmax(1) == y).float().mean().item()
+    assert all(p.is_contiguous() for p in net.parameters())   # back in the default layout
