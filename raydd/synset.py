@@ -224,10 +224,14 @@ def versions() -> dict[str, str | None]:
     return {"raydd": __version__, "torch": torch.__version__, "ray": ray, "python": sys.version.split()[0]}
 
 
+def utc_now() -> str:
+    """Now as ISO 8601 in UTC, to the second: the timestamps of manifests and indexes."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def provenance() -> dict[str, Any]:
     """What made an output and when: ``created`` (ISO 8601, UTC), ``versions``, ``git``."""
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return {"created": now, "versions": versions(), "git": git_commit()}
+    return {"created": utc_now(), "versions": versions(), "git": git_commit()}
 
 
 def save_synset(directory: str | Path, synset: Synset, manifest: dict[str, Any] | None = None) -> Path:

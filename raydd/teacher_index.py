@@ -8,7 +8,6 @@ lack both and still load. ``load_teachers`` verifies checksums, specs and the da
 """
 from __future__ import annotations
 
-import datetime
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 
 from .errors import RayddError
 from .io import load_tensors, read_json, save_tensors, sha256_file, write_json
-from .synset import provenance
+from .synset import utc_now
 
 TEACHERS_DIR = "teachers"
 INDEX = "teachers.json"
@@ -46,11 +45,12 @@ def write_index(out: Path, dataset: dict, records: dict[int, dict], prov: dict |
     write_json(out / INDEX, doc)
 
 
-def trained_provenance(prev: dict | None) -> dict:
+def trained_provenance(prev: dict | None, mine: dict) -> dict:
     """The index's provenance once this process has trained a teacher into it: this process's
-    versions and git commit, ``updated`` now, ``created`` kept from the first writer."""
-    now = provenance()
-    return {**now, "created": (prev or {}).get("created", now["created"]), "updated": now["created"]}
+    versions and git commit (``mine``, from :func:`raydd.synset.provenance`, asked once per run),
+    ``updated`` now, ``created`` kept from the first writer."""
+    now = utc_now()
+    return {**mine, "created": (prev or {}).get("created", now), "updated": now}
 
 
 def reusable(rec: dict | None, want: dict, out: Path) -> bool:
@@ -84,11 +84,7 @@ def save_teacher(out: Path, index: int, state: dict, acc: float, seconds: float,
     sha = save_tensors(out / f"{name}.safetensors", state, metadata=meta)
     return {"index": index, "file": f"{name}.safetensors", **want, "test_acc": acc,
             "train_seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1), "sha256": sha,
-            "created": _now()}
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            "created": utc_now()}
 
 
 # ---------------------------------------------------------------------------- loading

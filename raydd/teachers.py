@@ -26,6 +26,7 @@ from .errors import ConfigError, RayddError
 from .data.zca import ZCA, ensure_zca
 from .teacher_index import (INDEX, TEACHERS_DIR, load_teachers, read_index, reusable, same_dataset,  # noqa: F401
                             save_teacher, teacher_name, trained_provenance, write_index)
+from .synset import provenance
 from .tracking import Curves, curves_dir, epoch_logger
 from .train import accuracy, resolve_device, set_threads, train_classifier
 
@@ -258,9 +259,9 @@ def train_teachers(cfg: Config, run_dir: str | os.PathLike, *, progress: bool = 
     res = tc.resources
     if progress:
         reused = f" ({len(done)} reused)" if done else ""
-        print(f"[teachers] training {len(todo)} teachers{reused} as Ray tasks of {res.cpus:g} CPU"
-              + (f" + {res.gpus:g} GPU" if res.gpus else "") + f" each, {_at_once(res, len(todo))} at a time; "
-              f"{tc.epochs} epochs each", file=sys.stderr, flush=True)
+        from .services import resources_text
+        print(f"[teachers] training {len(todo)} teachers{reused} as Ray tasks of {resources_text(res)} each, "
+              f"{_at_once(res, len(todo))} at a time; {tc.epochs} epochs each", file=sys.stderr, flush=True)
     task = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=tc.max_retries,
                       retry_exceptions=True)(_teacher_task)
     tracker = ray.remote(num_cpus=0)(_Tracker).remote()
@@ -271,6 +272,7 @@ def train_teachers(cfg: Config, run_dir: str | os.PathLike, *, progress: bool = 
                            str(curves_dir(Path(run_dir).resolve(), TEACHERS_DIR, teacher_name(i))), cfg.tracking): i
                for i in todo}
     bar = _Progress(progress, todo, tc.epochs)
+    mine = provenance()   # versions and git commit, asked once (git runs as a subprocess)
     failures: list[str] = []
     try:
         while pending:
@@ -287,7 +289,7 @@ def train_teachers(cfg: Config, run_dir: str | os.PathLike, *, progress: bool = 
                     continue
                 state, acc, seconds, cpu_seconds = result
                 done[i] = save_teacher(out, i, state, acc, seconds, cpu_seconds, wanted[i])
-                prov = trained_provenance(prov)
+                prov = trained_provenance(prov, mine)
                 write_index(out, dataset, done, prov)
                 bar.finished(i, acc, seconds)
             bar.update(ray.get(tracker.snapshot.remote()))
@@ -309,9 +311,6 @@ def _at_once(res, tasks: int) -> str:
         total = ray.cluster_resources()
     except Exception:   # informative only
         return "?"
-    fit = math.floor(total.get("CPU", 0) / res.cpus + 1e-9)
-    if res.gpus > 0:
-        fit = min(fit, math.floor(total.get("GPU", 0) / res.gpus + 1e-9))
-    return str(min(fit, tasks))
+    return str(min(res.copies_in(total), tasks))
 
 

@@ -52,8 +52,8 @@ def keep_freed_memory() -> bool:
     """Serve every allocation from glibc's heap and never trim it; True when applied.
 
     glibc hands blocks over 32 MB straight back to the OS, so a 100×128×32×32 float activation
-    (52 MB) is page-faulted afresh on every step: ~18 ms per tensor, a quarter of a ConvNet
-    training step on CPU. Kept, the memory freed by one step serves the next; the price is that
+    (52 MB) is page-faulted afresh on every step. Kept, the memory freed by one step serves the
+    next: an APM round at width 128 took ~3 s less of its ~9 s (tools/bench_round.py); the price is that
     the process holds its peak until it exits. Once per process; off with ``RAYDD_KEEP_HEAP=0``;
     nothing happens where the C library is not glibc."""
     global _heap_kept
@@ -185,8 +185,8 @@ def accuracy(model: nn.Module, batches: Iterable[Batch], device: str | torch.dev
     """Top-1 accuracy over ``(x, y, …)`` batches, in eval mode (the previous mode is restored)."""
     device = resolve_device(device)
     was_training = model.training
-    # oneDNN's inference convolutions are ~1.3-2x faster channels-last on CPU (tools/bench_eval.py:
-    # ResNet18, MobileNetV2); training is not, so the model goes back to the default layout afterwards.
+    # oneDNN's inference convolutions are ~1.3-1.5x faster channels-last on CPU (tools/bench_eval.py);
+    # training is not, so the model goes back to the default layout afterwards.
     # GroupNorm (raydd's instance/layer/group norms) is slower channels-last: ConvNet-32's test pass
     # took 0.33 s against 0.22 s contiguous, so those nets stay contiguous.
     cpu = device.type == "cpu" and not any(isinstance(m, nn.GroupNorm) for m in model.modules())

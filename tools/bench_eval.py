@@ -1,10 +1,10 @@
 """Test-set pass and training step (fp32 and bf16 autocast) of evaluation architectures on CPU.
 
 Times a forward pass over ``--images`` test-sized images in eval mode, once in PyTorch's default
-(contiguous) layout and once channels-last (what :func:`raydd.train.accuracy` uses on CPU), and a
-training step on a 100-image batch (IPC 10 × 10 classes: one step per epoch) in fp32 and under
-bf16 autocast (``evaluate.precision: bf16``). Best of
-``--repeats`` after a warm-up; both layouts are timed back to back.
+(contiguous) layout and once channels-last (what :func:`raydd.train.accuracy` uses on CPU for nets
+without GroupNorm), and a training step on a 100-image batch (IPC 10 × 10 classes: one step per
+epoch) in fp32 and under bf16 autocast (``evaluate.precision: bf16``). Best of ``--repeats`` after
+a warm-up; both layouts are timed back to back.
 
     python tools/bench_eval.py resnet18 vgg11 convnet:width=32 --shape 1,28,28
 """

@@ -6,6 +6,7 @@ specs are checked against the model registry, so a typo fails before any compute
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -21,6 +22,13 @@ class Resources:
     """Ray resources of one task or actor; ``gpus`` may be fractional to share a GPU."""
     cpus: float = 1.0
     gpus: float = 0.0
+
+    def copies_in(self, total: dict[str, float]) -> int:
+        """How many tasks of these resources fit at once in ``total`` (``ray.cluster_resources()``)."""
+        fit = math.floor(total.get("CPU", 0) / self.cpus + 1e-9)
+        if self.gpus > 0:
+            fit = min(fit, math.floor(total.get("GPU", 0) / self.gpus + 1e-9))
+        return fit
 
     def validate(self, key: str) -> None:
         _check(self.cpus > 0, f"{key}.cpus", self.cpus, "a positive number of CPUs")

@@ -23,7 +23,6 @@ import contextlib
 import copy
 import csv
 import io
-import math
 import os
 import time
 from collections import Counter
@@ -117,9 +116,7 @@ def trial_cap(total: dict[str, float], res: Resources, max_concurrent: int | Non
     resources cap and refuse nothing, since the queued trials are the demand its autoscaler adds
     nodes for; only ``max_concurrent`` caps there.
     """
-    fit = math.floor(total.get("CPU", 0) / res.cpus + 1e-9)
-    if res.gpus > 0:
-        fit = min(fit, math.floor(total.get("GPU", 0) / res.gpus + 1e-9))
+    fit = res.copies_in(total)
     has = f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU"
     each = f"{res.cpus:g} CPU, {res.gpus:g} GPU per trial"
     if not joined:
