@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .errors import ConfigError, RayddError
 
@@ -214,3 +215,36 @@ class DSA:
 
     def __repr__(self) -> str:
         return f"DSA({self.strategy!r}{', shared=True' if self.shared else ''})"
+
+
+# ---------------------------------------------------------------- CutMix (IDC; HMDC's training and evaluation)
+
+def cutmix(x: Tensor, targets: Tensor, g: torch.Generator, beta: float = 1.0) -> tuple[Tensor, Tensor]:
+    """IDC's CutMix: λ ~ Beta(β, β), a box of side √(1-λ) around a uniform centre (clipped), pasted
+    from a permutation of the batch; targets mixed by the pasted area. λ and the box are drawn
+    before the permutation, so equally seeded calls on batches of any size share them."""
+    h, w = x.shape[2], x.shape[3]
+    lam = _beta(beta, g)
+    rat = (1.0 - lam) ** 0.5
+    ch, cw = int(h * rat), int(w * rat)
+    cy, cx = int(torch.randint(h, (), generator=g)), int(torch.randint(w, (), generator=g))
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+    mask = torch.zeros(1, 1, h, w, device=x.device, dtype=x.dtype)
+    mask[..., y0:y1, x0:x1] = 1
+    out = x * (1 - mask) + x[perm] * mask
+    kept = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    return out, kept * targets + (1.0 - kept) * targets[perm]
+
+
+def _beta(beta: float, g: torch.Generator) -> float:
+    """A Beta(β, β) draw from ``g`` (torch's Beta sampler takes no generator): uniform for β = 1,
+    else Jöhnk's method."""
+    while True:
+        u = torch.rand(2, generator=g, dtype=torch.float64)
+        if beta == 1.0:
+            return float(u[0])
+        p, q = float(u[0]) ** (1 / beta), float(u[1]) ** (1 / beta)
+        if 0 < p + q <= 1:
+            return p / (p + q)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -117,13 +119,24 @@ class ModelServiceActor:
         self.draining: set[tuple] = set()
         self.tasks: set[asyncio.Task] = set()
         self.compute = ThreadPoolExecutor(1)  # one batch at a time on the device
-        self.counts = {"requests": 0, "batches": 0, "images": 0}
+        self.counts = {"requests": 0, "batches": 0, "images": 0, "queue_s": 0.0, "compute_s": 0.0}
+        self.waits: deque[float] = deque(maxlen=4096)   # recent queueing delays, for a percentile
+        self.since: float | None = None                 # the first request
 
     async def num_models(self) -> int:
         return self.local.num_models
 
     async def stats(self) -> dict:
-        return {**self.counts, "pid": os.getpid(), "device": str(self.local.device)}
+        """Counters since start, and how well batching keeps up: requests per batch, the delay from a
+        request's arrival to the start of its batch (mean, and p95 of the last 4,096), and the
+        fraction of the time since the first request that the device computed (``busy``)."""
+        c, waits = self.counts, sorted(self.waits)
+        up = time.monotonic() - self.since if self.since is not None else 0.0
+        return {**c, "pid": os.getpid(), "device": str(self.local.device),
+                "requests_per_batch": c["requests"] / max(c["batches"], 1),
+                "queue_ms_mean": 1e3 * c["queue_s"] / max(c["requests"], 1),
+                "queue_ms_p95": 1e3 * waits[int(0.95 * (len(waits) - 1))] if waits else 0.0,
+                "busy": c["compute_s"] / up if up > 0 else 0.0}
 
     async def logits(self, x: np.ndarray, model: int) -> np.ndarray:
         return await self._submit(("logits", model, None), x, None)
@@ -136,7 +149,9 @@ class ModelServiceActor:
 
     async def _submit(self, key: tuple, x: np.ndarray, g: np.ndarray | None) -> np.ndarray:
         fut = asyncio.get_running_loop().create_future()
-        self.queues.setdefault(key, []).append((x, g, fut))
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        self.queues.setdefault(key, []).append((x, g, fut, now))
         self.counts["requests"] += 1
         if key not in self.draining:
             self.draining.add(key)
@@ -154,14 +169,17 @@ class ModelServiceActor:
                 while queue and (not take or size + len(queue[0][0]) <= self.max_batch):
                     take.append(queue.pop(0))
                     size += len(take[-1][0])
+                now = time.monotonic()
+                self.waits.extend(now - t[3] for t in take)
+                self.counts["queue_s"] += sum(now - t[3] for t in take)
                 try:
                     out = await loop.run_in_executor(self.compute, self._run, key, take)
                 except Exception as e:  # every caller of the batch gets the error
-                    for *_, fut in take:
+                    for _, _, fut, _ in take:
                         if not fut.done():
                             fut.set_exception(e)
                     continue
-                for (_, _, fut), part in zip(take, np.split(out, np.cumsum([len(t[0]) for t in take])[:-1])):
+                for (_, _, fut, _), part in zip(take, np.split(out, np.cumsum([len(t[0]) for t in take])[:-1])):
                     if not fut.done():  # a cancelled caller no longer waits
                         fut.set_result(part)
         finally:
@@ -169,6 +187,7 @@ class ModelServiceActor:
 
     def _run(self, key: tuple, take: list) -> np.ndarray:
         method, model, tap = key
+        t0 = time.monotonic()
         x = torch.from_numpy(np.concatenate([t[0] for t in take]))
         g = torch.from_numpy(np.concatenate([t[1] for t in take])) if method == "input_grad" else None
         outs = []
@@ -182,7 +201,9 @@ class ModelServiceActor:
                 outs.append(self.local.features(xi, tap, model))
         self.counts["batches"] += 1
         self.counts["images"] += len(x)
-        return torch.cat(outs).cpu().numpy()
+        out = torch.cat(outs).cpu().numpy()
+        self.counts["compute_s"] += time.monotonic() - t0
+        return out
 
 
 _ACTOR_CLASS = None
@@ -207,6 +228,12 @@ def start_service(source: Any, *, name: str, resources: Resources | None = None,
         opts["lifetime"] = "detached"
     return _actor_class().options(**opts).remote(source, device=device, max_batch=max_batch,
                                                  threads=max(1, int(res.cpus)), window_s=window_s)
+
+
+def start_replicas(source: Any, *, name: str, replicas: int = 1, **kw: Any) -> list:
+    """``replicas`` copies of the service (:func:`start_service`; copy 0 keeps ``name``, copy r is
+    ``name-rR``). A client is given one copy, so each copy still coalesces its clients' requests."""
+    return [start_service(source, name=name if r == 0 else f"{name}-r{r}", **kw) for r in range(replicas)]
 
 
 def resources_text(res: Resources) -> str:

@@ -260,8 +260,11 @@ def train_teachers(cfg: Config, run_dir: str | os.PathLike, *, progress: bool = 
     if progress:
         reused = f" ({len(done)} reused)" if done else ""
         from .services import resources_text
-        print(f"[teachers] training {len(todo)} teachers{reused} as Ray tasks of {resources_text(res)} each, "
-              f"{_at_once(res, len(todo))} at a time; {tc.epochs} epochs each", file=sys.stderr, flush=True)
+        what = (f"{len(todo)} teachers{reused} as Ray tasks of {resources_text(res)} each, "
+                f"{_at_once(res, len(todo))} at a time" if len(todo) > 1 else
+                f"1 teacher{reused} as a Ray task of {resources_text(res)}")
+        print(f"[teachers] training {what}; {tc.epochs} epochs" + (" each" if len(todo) > 1 else ""),
+              file=sys.stderr, flush=True)
     task = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=tc.max_retries,
                       retry_exceptions=True)(_teacher_task)
     tracker = ray.remote(num_cpus=0)(_Tracker).remote()

@@ -112,7 +112,8 @@ def test_run_dir_refuses_another_configs_outputs(tmp_path):
     ("evaluate.weight_decay=-1", "evaluate.weight_decay"), ("ray.num_cpus=-3", "ray.num_cpus"),
     ("evaluate.max_concurrent=0", "evaluate.max_concurrent"), ("evaluate.precision=fp16", "evaluate.precision"),
     ("teachers.precision=bf32", "teachers.precision"), ("distill.precision=half", "distill.precision"),
-    ("name=../../..", "name"), ("name=a/b", "name"),
+    ("name=../../..", "name"), ("name=a/b", "name"), ("distill.service.replicas=0", "distill.service.replicas"),
+    ("evaluate.hard_cutmix=0", "evaluate.hard_cutmix"),
 ])
 def test_impossible_values_are_refused(override, key):
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: ") as e:

@@ -302,6 +302,20 @@ def test_ray_group_failure_is_one_clear_error(local_run, teachers, tmp_path):
 
 
 @pytest.mark.ray
+def test_groups_are_spread_over_service_replicas(local_run, teachers, tmp_path):
+    cfg = config(local_run[0].data.dir, service={"replicas": 2, "resources": {"cpus": 0.5}})
+    run = new_run(tmp_path, teachers)
+    result = run_distill(cfg, run, progress=False)
+    served = read_json(run / "distill" / "service.json")["replicas"]
+    # Group i asks copy i mod 2: two processes, each served one group's rounds, batching reported.
+    assert len(served) == 2 and served[0]["pid"] != served[1]["pid"]
+    assert all(s["requests"] >= 2 * DISTILL["rounds"] and s["batches"] >= 1 for s in served), served
+    assert all(s["queue_ms_mean"] >= 0 and 0 < s["busy"] <= 1 for s in served), served
+    assert torch.allclose(load_synset(result.synset_dir).images, load_synset(local_run[2].synset_dir).images,
+                          atol=1e-5)
+
+
+@pytest.mark.ray
 def test_two_node_cluster(local_run, teachers, tmp_path):
     import ray
     from ray.cluster_utils import Cluster

@@ -188,3 +188,26 @@ def test_bad_inputs_of_a_trial():
         evaluate_once("mlp", "hard", 0, Synset(x, y), _tests(x, y), _ecfg(), image_shape=(C, S, S), num_classes=3)
     with pytest.raises(RayddError, match="needs stored soft labels"):
         evaluate_once("mlp", "soft", 0, Synset(x, y), _tests(x, y), _ecfg(), image_shape=(C, S, S), num_classes=K)
+
+
+def test_hard_cutmix_mixes_the_batches_and_spares_vits(monkeypatch):
+    import raydd.augment
+    x, y = _toy()
+    mixed = []
+    real = raydd.augment.cutmix
+    monkeypatch.setattr(raydd.augment, "cutmix", lambda *a, **kw: mixed.append(real(*a, **kw)) or mixed[-1])
+    runs = {}
+    for arch, beta in [("convnet:width=16", None), ("convnet:width=16", 1.0),
+                       ("vit_tiny:width=16,depth=1,heads=2", None), ("vit_tiny:width=16,depth=1,heads=2", 1.0)]:
+        mixed.clear()
+        runs[arch, beta] = res = evaluate_once(arch, "hard", 0, Synset(x, y), _tests(x, y), _ecfg(hard_cutmix=beta),
+                                               image_shape=(C, S, S), num_classes=K)
+        on = beta is not None and arch.startswith("convnet")
+        assert len(mixed) == (12 * 3 if on else 0) and res.get("cutmix") == (beta if on else None)
+        if on:   # the targets are one-hot labels mixed by the pasted area, summing to 1
+            targets = torch.cat([t for _, t in mixed])
+            assert torch.allclose(targets.sum(1), torch.ones(len(targets)))
+            assert ((targets > 0) & (targets < 1)).any()
+    conv, vit = "convnet:width=16", "vit_tiny:width=16,depth=1,heads=2"
+    assert runs[conv, 1.0]["train_loss_first"] != runs[conv, None]["train_loss_first"]
+    assert runs[vit, 1.0] | {"seconds": 0} == runs[vit, None] | {"seconds": 0}    # a ViT trains as without it

@@ -14,7 +14,8 @@ from raydd.io import load_tensors, save_tensors
 from raydd.methods import RealImages, Setup
 from raydd.methods.hmdc import ClassShard, HMDCGroup, init_packed
 from raydd.methods.hmdc_pair import PairTrajectory, fresh_pair
-from raydd.methods.hmdc_parts import (augment, channel_normalise, cutmix, gbm_weights, generator, kmeans,
+from raydd.augment import cutmix
+from raydd.methods.hmdc_parts import (augment, channel_normalise, gbm_weights, generator, kmeans,
                                       layerwise, nearest_distinct, pack, sse, unpack)
 
 torch.set_num_threads(1)
@@ -152,6 +153,9 @@ def test_steps_run_change_the_images_and_resume_bit_for_bit(built, tmp_path):
     stats = a.step(None)
     assert set(stats) >= {"loss", "L1", "L2", "L3"} and all(stats[k] > 0 for k in ("L1", "L2", "L3"))
     assert (a.shard.gbm > 1e-6).all()                                   # GBM sampled at step 0
+    split = stats["seconds"]   # the per-step cost split: every phase ran and was timed
+    assert set(split) == {"clustering", "augment", "matching", "image_grad", "models", "ssd"}
+    assert all(v > 0 for v in split.values()), split
     save_tensors(tmp_path / "state.safetensors", a.state_dict())
     a.step(None)
     assert not torch.equal(a.images, x0)

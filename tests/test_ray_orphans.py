@@ -55,6 +55,18 @@ def _alive(procs):
     return [p for p in procs if raycluster._alive(p)]
 
 
+def _settled(procs, quiet=3.0, limit=60.0):
+    """The processes still alive once none has exited for ``quiet`` s. GCS, raylet and workers follow
+    their dead parent at their own pace (seconds on loaded cores); what is left then are the orphans."""
+    end = time.time() + limit
+    left, since = _alive(procs), time.time()
+    while time.time() - since < quiet and time.time() < end:
+        time.sleep(0.2)
+        if len(now := _alive(procs)) != len(left):
+            left, since = now, time.time()
+    return left
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_rerun_stops_what_a_killed_driver_left(tmp_path, digits):
@@ -71,8 +83,7 @@ def test_a_rerun_stops_what_a_killed_driver_left(tmp_path, digits):
         first.kill()                                             # SIGKILL: no cleanup of any kind
         first.wait()
         procs = json.loads((run / RECORD).read_text())["processes"]
-        time.sleep(2)                                            # GCS and raylet follow their parent
-        left = _alive(procs)
+        left = _settled(procs)
         names = {p["cmd"] for p in left}
         assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names, names   # the orphans on ports
         again = subprocess.run(argv, capture_output=True, text=True, timeout=240)

@@ -180,6 +180,9 @@ def test_concurrent_requests_are_coalesced(ray_service, local_teachers):
     after = svc.stats()
     assert after["requests"] - before["requests"] == 40 and after["images"] - before["images"] == 40
     assert after["batches"] - before["batches"] < 40
+    # How batching keeps up: requests per batch, the measured wait before a batch, a busy fraction.
+    assert after["requests_per_batch"] == pytest.approx(after["requests"] / after["batches"])
+    assert after["queue_ms_mean"] > 0 and after["queue_ms_p95"] > 0 and 0 < after["busy"] <= 1
 
 
 @pytest.mark.ray

@@ -3,7 +3,10 @@ shards, on a local Ray and (``--cluster``) in a ``ray.cluster_utils.Cluster`` of
 
     nice -n 19 python tools/bench_hmdc.py --rounds 6            # configs/digits_hmdc.yaml's models
 
-The digits are prepared into a temporary directory. A Ray run's rate is over its steady state:
+The digits are prepared into a temporary directory (another ``--config``'s data.dir is used as it
+is). The single-process run also prints the per-step cost split: k-means selection, siamese
+augmentation with CutMix, gradient matching (MD's terms included), the image gradient with GBM,
+and the pair's model and SSD training. A Ray run's rate is over its steady state:
 (rounds - 1) steps between the first and the last step's end, over all shards (worker start-up
 and the first step excluded), the single-process rate likewise.
 """
@@ -38,8 +41,13 @@ def single(args, data: str, out: Path) -> float:
     group = build_method(cfg, init, plan.seed, shape)
     group.step(None)                 # as the Ray runs: the rate from the first step's end
     t0 = time.perf_counter()
+    split: dict[str, float] = {}
     while group.round < plan.rounds:
-        group.step(None)
+        for k, v in group.step(None)["seconds"].items():
+            split[k] = split.get(k, 0.0) + v
+    total = sum(split.values())
+    print("single-process step split: " + ", ".join(f"{k} {v / (plan.rounds - 1):.3f} s ({v / total:.0%})"
+                                                    for k, v in split.items()), flush=True)
     return (plan.rounds - 1) / (time.perf_counter() - t0)
 
 
@@ -61,14 +69,21 @@ def main() -> None:
     ap.add_argument("--config", default="configs/digits_hmdc.yaml")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--cluster", action="store_true", help="also in a Cluster of two logical nodes (1 CPU each)")
+    ap.add_argument("--single-only", action="store_true", help="only the single-process rate and split")
     args = ap.parse_args()
     import ray
 
+    from raydd.config import load_config
     from raydd.data import prepare
     tmp = Path(tempfile.mkdtemp(prefix="bench_hmdc_"))
-    data = str(tmp / "digits")
-    prepare("digits", data, workers=1)
+    data = load_config(args.config).data.dir
+    if load_config(args.config).data.source == "digits":
+        data = str(tmp / "digits")
+        prepare("digits", data, workers=1)
     rates = {"single-process": single(args, data, tmp / "single")}
+    if args.single_only:
+        print(json.dumps({"rounds": args.rounds, "steps_per_s": rates}, indent=1))
+        return
     ray.init(num_cpus=2, include_dashboard=False)
     for s in (1, 2):
         rates[f"local ray, {s} shard(s)"] = sharded(args, data, tmp / f"local{s}", s)

@@ -110,9 +110,11 @@ class ServiceConfig:
     max_batch: int = 1024              # coalesce concurrent requests up to this many images
     max_restarts: int = 3
     resources: Resources = field(default_factory=lambda: Resources(cpus=1.0, gpus=0.0))
+    replicas: int = 1                  # copies of the service; group i uses copy i mod replicas
 
     def validate(self, key: str) -> None:
         _positive(self, key, "max_batch")
+        _positive(self, key, "replicas")
         _check(self.max_restarts >= -1, f"{key}.max_restarts", self.max_restarts, "an integer >= 0, or -1 for no limit")
         self.resources.validate(f"{key}.resources")
 
@@ -257,6 +259,9 @@ class EvalConfig:
     ars: bool = False
     soft_loss: Literal["l1", "kl"] = "l1"
     soft_temperature: float = 1.0
+    # hard mode on a stored set: CutMix with λ ~ Beta(β, β) on every batch after DSA, CE to the
+    # area-mixed labels, never for ViTs (HMDC's evaluation, β = 1); null: off
+    hard_cutmix: Optional[float] = None
     lr_search: Optional[list[float]] = None
     baselines: list[Literal["random", "full"]] = field(default_factory=lambda: ["random"])
     storage_path: Optional[str] = None  # None: RUN/eval/tune; a shared path on clusters
@@ -279,6 +284,8 @@ class EvalConfig:
         _check(len(self.modes) >= 1, f"{key}.modes", self.modes, "a non-empty list of modes")
         _check(self.seeds >= 1, f"{key}.seeds", self.seeds, "an integer >= 1")
         _positive(self, key, "epochs", "lr", "batch_size", "soft_temperature")
+        _check(self.hard_cutmix is None or self.hard_cutmix > 0, f"{key}.hard_cutmix", self.hard_cutmix,
+               "null (off) or a positive Beta parameter, e.g. 1.0")
         _sgd(self, key, "momentum", "weight_decay")
         _check(self.full_epochs is None or self.full_epochs >= 1, f"{key}.full_epochs", self.full_epochs,
                "null or an integer >= 1")

@@ -188,7 +188,7 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
     from ray.exceptions import RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from ..services import RayService, resources_text, start_service
+    from ..services import RayService, resources_text, start_replicas
 
     if not ray.is_initialized():
         from ..raycluster import init_ray
@@ -197,7 +197,8 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
     device = ray_device(cfg, res, "distill.resources")
     service_device = ray_device(cfg, svc.resources, "distill.service.resources")
     owned = not svc.name            # a configured name is shared across runs: leave it running
-    handle = board = None
+    handles: list = []
+    board = None
     aux_handles: list = []
     pending: dict[Any, GroupPlan] = {}
     errors: list[Exception] = []
@@ -206,15 +207,17 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
             hmdc_ray.distill_groups(cfg, todo, shape, device, view.handle)
             todo = []
         t_service = time.monotonic()
-        on = f"{resources_text(svc.resources)} ({service_device})"
+        on = f"{resources_text(svc.resources)} ({service_device})" + \
+            (f" × {svc.replicas} replicas" if svc.replicas > 1 else "")
         view.note(f"starting the teacher service: {len(records)} teachers on {on} …")
-        handle = start_service(run_dir, name=service_name(cfg, run_dir), resources=svc.resources,
-                               max_batch=svc.max_batch, max_restarts=svc.max_restarts, device=service_device)
-        hosted = _service_size(handle)
-        if hosted != len(records):
-            raise RayddError(f"teacher service {service_name(cfg, run_dir)!r} hosts {hosted} networks but "
-                             f"{run_dir / 'teachers'} has {len(records)}; it serves another run, so set "
-                             f"distill.service.name to a new name")
+        handles = start_replicas(run_dir, name=service_name(cfg, run_dir), replicas=svc.replicas,
+                                 resources=svc.resources, max_batch=svc.max_batch, max_restarts=svc.max_restarts,
+                                 device=service_device)
+        for hosted in map(_service_size, handles):
+            if hosted != len(records):
+                raise RayddError(f"teacher service {service_name(cfg, run_dir)!r} hosts {hosted} networks but "
+                                 f"{run_dir / 'teachers'} has {len(records)}; it serves another run, so set "
+                                 f"distill.service.name to a new name")
         view.note(f"teacher service up: {hosted} teachers on {on} ({time.monotonic() - t_service:.1f} s)")
         aux_device = ray_device(cfg, cfg.auxiliaries.service.resources, "auxiliaries.service.resources")
         t_aux = time.monotonic()
@@ -237,8 +240,8 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
             opts = dict(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=cfg.distill.max_retries,
                         retry_exceptions=[RayError, OSError], scheduling_strategy="SPREAD",
                         name=f"raydd-distill-{p.name}")
-            pending[task.options(**opts).remote(cfg, p, inits[p.index], handle, board, shape, device,
-                                                aux_handles)] = p
+            pending[task.options(**opts).remote(cfg, p, inits[p.index], handles[p.index % len(handles)], board,
+                                                shape, device, aux_handles)] = p
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.5)
             for msg in ray.get(board.take.remote()):
@@ -258,20 +261,38 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
                                                     if k not in ("images", "labels")})
         for msg in ray.get(board.take.remote()):
             view.handle(msg)
+        _service_report(handles, run_dir, view)
         if errors:
             raise errors[0]
-        return aggregate(cfg, run_dir, plans, RayService(handle), records, info, fingerprint_sha=fp, zca=zca,
+        return aggregate(cfg, run_dir, plans, RayService(handles[0]), records, info, fingerprint_sha=fp, zca=zca,
                          auxiliaries=list(aux_records))
     finally:
         for ref in pending:        # interrupted: stop the workers; their checkpoints stay for a resume
             ray.cancel(ref, force=True)
         if board is not None:
             ray.kill(board)
-        if owned and handle is not None:
-            ray.kill(handle, no_restart=True)
+        for h in handles if owned else ():
+            ray.kill(h, no_restart=True)
         if not cfg.auxiliaries.service.name:
             for h in aux_handles:
                 ray.kill(h, no_restart=True)
+
+
+def _service_report(handles: list, run_dir: Path, view: LiveView) -> None:
+    """How the teacher service kept up, per replica (since it started): ``distill/service.json`` and a
+    line each. A report only: a service that does not answer is left out, never a failed run."""
+    import ray
+    try:
+        stats = ray.get([h.stats.remote() for h in handles], timeout=30)
+    except Exception:
+        return
+    if not any(s["requests"] for s in stats):   # a method that never asked (HMDC: soft labels only)
+        return
+    write_json(run_dir / "distill" / "service.json", {"replicas": stats})
+    for r, s in enumerate(stats):
+        view.note(f"teacher service{f' replica {r}' if len(stats) > 1 else ''}: {s['requests']} requests in "
+                  f"{s['batches']} batches ({s['requests_per_batch']:.1f} per batch), queued "
+                  f"{s['queue_ms_mean']:.1f} ms mean / {s['queue_ms_p95']:.1f} ms p95, busy {s['busy']:.0%}")
 
 
 def _service_size(handle: Any) -> int:

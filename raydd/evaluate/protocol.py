@@ -126,7 +126,10 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
     else:
         x, y = train.images.float().to(device), train.labels.long().to(device)  # small sets live on the device
         if mode == "hard":
-            history = train_classifier(net, (x, y), progress=hook("train"), **common)
+            mix = _cutmix_fn(ecfg.hard_cutmix, seed, num_classes) if ecfg.hard_cutmix and not _is_vit(arch) else None
+            history = train_classifier(net, (x, y), loss_fn=mix, progress=hook("train"), **common)
+            if mix is not None:
+                extra["cutmix"] = ecfg.hard_cutmix
         elif mode == "soft":
             history = train_classifier(net, (x, y, train.soft_labels.float().to(device)), loss_fn=_soft_fn(ecfg),
                                        progress=hook("train"), **common)
@@ -154,6 +157,22 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
     acc = accuracy(net, test_batches(), device)
     return {"test_acc": acc, "train_loss_first": history[0], "train_loss_last": history[-1],
             "epochs": epochs, "lr": lr, "seconds": time.time() - t0, **extra}
+
+
+def _is_vit(arch: str) -> bool:
+    return "vit" in arch.split(":")[0].lower() or arch.lower().startswith("timm:vit")
+
+
+def _cutmix_fn(beta: float, seed: int, num_classes: int):
+    """HMDC's evaluation loss: CutMix on the augmented batch, CE to the area-mixed one-hot labels.
+    Its own generator, so the DSA draws stay those of a trial without CutMix."""
+    from ..augment import cutmix
+    g = torch.Generator().manual_seed(int(seed) + 2_000_003)
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        xm, t = cutmix(x, F.one_hot(y, num_classes).to(x.dtype), g, beta)
+        return F.cross_entropy(model(xm), t)
+    return loss
 
 
 def _soft_fn(ecfg: EvalConfig):

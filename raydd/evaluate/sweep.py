@@ -38,7 +38,7 @@ from .tune_space import NOT_SETTINGS, Space, apply_params, describe, params_labe
 TRIALS_FILE = "trials.jsonl"   # the journal of finished trials, beside results.json
 REPORTS = 10                # intermediate Tune results of a trial unless evaluate.report_every says otherwise
 # Settings that only one mode reads (its name is their prefix), so changing them re-runs only that mode.
-MODE_SETTINGS = {"soft_loss", "soft_temperature", "kd", "elf"}
+MODE_SETTINGS = {"soft_loss", "soft_temperature", "hard_cutmix", "kd", "elf"}
 
 
 @dataclass
@@ -144,7 +144,9 @@ def _execute(*, synset, data, ecfg, seeds, lrs, baselines, resources, teachers_d
                           if k.split(".")[0] not in MODE_SETTINGS or k.startswith(mode)}
                 label = (f"{source}/{mode} {arch} s{seed}" + (f" lr{lr:g}" if multi_lr else "")
                          + ((" noaug" if ecfg.dsa else " aug") if flip else "") + params_label(params))
-                mode_settings = {k: getattr(ecfg, k) for k in MODE_SETTINGS if k.startswith(mode)}
+                # a setting left at null is left out: the keys of before it existed
+                mode_settings = {k: v for k in MODE_SETTINGS
+                                 if k.startswith(mode) and (v := getattr(ecfg, k)) is not None}
                 key = digest({"label": label, "lr": lr, "settings": settings, "mode": mode_settings,
                              "epochs": full_epochs if source == "full" else None,
                              "source": prep.sources[source]["fingerprint"],

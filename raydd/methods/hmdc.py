@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..augment import validate_strategy
+from ..augment import cutmix, validate_strategy
 from ..config import DistillConfig
 from ..config.hmdc import HMDCConfig
 from ..errors import ConfigError, DataError, RayddError
 from .base import Method, NonFiniteImages, RealImages, Services, Setup, register_method
 from .hmdc_pair import PairModels, PairTrajectory, fresh_pair
-from .hmdc_parts import (DISTANCES, GBM_EPS, augment, channel_normalise, cutmix, gbm_weights, generator,
+from .hmdc_parts import (DISTANCES, GBM_EPS, augment, channel_normalise, gbm_weights, generator,
                          kmeans, nearest, nearest_distinct, pack, soft_ce, unpack)
 
 TARGETS = 3          # L¹, L², L³ (GBM accumulator columns)
@@ -79,9 +79,11 @@ class ImageUpdate:
                  lo: Tensor, hi: Tensor, num_classes: int):
         self.cfg, self.seed, self.ops = cfg, seed, list(ops)
         self.lr, self.mom, self.lo, self.hi, self.num_classes = lr, momentum, lo, hi, num_classes
+        self.seconds: dict[str, float] = {}   # per phase, of the last call (its stats stay plain numbers)
 
     def __call__(self, shard: ClassShard, pair: PairModels, t: int, real: Mapping[int, Tensor]) -> dict:
         """Updates ``shard`` in place (all classes, or none if any went non-finite); returns stats."""
+        self.seconds = dict.fromkeys(("clustering", "augment", "matching", "image_grad"), 0.0)
         new = [self._class(shard, i, c, pair, t, real[c]) for i, c in enumerate(shard.classes)]
         images = torch.cat([n[0] for n in new])
         if not torch.isfinite(images).all():
@@ -97,6 +99,7 @@ class ImageUpdate:
         o = t % cfg.reset_every
         acc = torch.full_like(shard.gbm[i], GBM_EPS) if o == 0 else shard.gbm[i].clone()
         idx = shard.real_idx[i]
+        clock = time.perf_counter()
         if o % cfg.select_every == 0 or bool((idx < 0).all()):
             which = 1 if (o // cfg.select_every) % 2 == 0 else 2
             emb = pair.embed(real_c, which)
@@ -105,6 +108,7 @@ class ImageUpdate:
             idx = torch.full_like(idx, -1)
             idx[:k] = nearest(emb, centers).to(idx.device)
         xr = real_c[idx[idx >= 0]]
+        clock = self._lap("clustering", clock)
         packed = shard.images[i * ipc:(i + 1) * ipc].detach().requires_grad_(True)
         syn = unpack(packed, cfg.factor)
         syn = syn[torch.randperm(len(syn), generator=generator(self.seed, "shuffle", t, c))[:cfg.batch_syn]
@@ -116,7 +120,9 @@ class ImageUpdate:
             x = augment(x, self.ops, g, shared=True)
             tgt = target.expand(len(x), -1)
             batches += list(cutmix(x, tgt, g, cfg.cutmix_beta) if cfg.cutmix else (x, tgt))
+        clock = self._lap("augment", clock)
         losses = matching_losses(pair, *batches, distance=cfg.match, md=cfg.md)
+        clock = self._lap("matching", clock)
         if cfg.gbm:
             if o % cfg.gbm_every == 0:     # sample each target's own gradient into the accumulator
                 grads = [torch.autograd.grad(L, packed, retain_graph=True)[0] for L in losses]
@@ -131,8 +137,14 @@ class ImageUpdate:
             grad = torch.autograd.grad(sum(losses), packed)[0]
         buf = self.mom * shard.momentum[i * ipc:(i + 1) * ipc] + grad
         new = torch.maximum(torch.minimum(packed.detach() - self.lr * buf, self.hi), self.lo)
+        self._lap("image_grad", clock)
         loss = torch.stack([L.detach() for L in losses])
         return new, buf, acc, idx, F.pad(loss, (0, TARGETS - len(loss)))
+
+    def _lap(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - since
+        return now
 
 
 def matching_losses(pair: PairModels, xr: Tensor, tr: Tensor, xs: Tensor, ts: Tensor, *,
@@ -244,12 +256,13 @@ class HMDCGroup(Method):
         t = self.round
         if self.trajectory.step != t:
             raise RayddError(f"HMDC: the pair is at version {self.trajectory.step}, the images at step {t}")
-        t0 = time.perf_counter()
-        stats = self.updater()(self.shard, self.trajectory.models, t, self.real_by_class)
-        t1 = time.perf_counter()
+        update = self.updater()
+        stats = update(self.shard, self.trajectory.models, t, self.real_by_class)
         self.trajectory.advance()
         self.round += 1
-        return {"round": t, **stats, "seconds": {"images": t1 - t0, "models": time.perf_counter() - t1}}
+        # clustering (k-means real batches), augment (siamese DSA + CutMix), matching (both models'
+        # gradients, MD's included), image_grad (its backward, GBM), models and ssd (the pair's training)
+        return {"round": t, **stats, "seconds": {**update.seconds, **self.trajectory.seconds}}
 
     def reseed(self, seed: int) -> None:
         self.seed = seed

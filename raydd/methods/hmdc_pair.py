@@ -8,15 +8,17 @@ Version ``t`` of the pair is what image step ``t`` matches against.
 from __future__ import annotations
 
 import math
+import time
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..augment import cutmix
 from ..config.hmdc import HMDCConfig
 from ..errors import ConfigError, RayddError
-from .hmdc_parts import augment, cutmix, generator, soft_ce
+from .hmdc_parts import augment, generator, soft_ce
 
 StateDict = dict[str, Tensor]
 
@@ -151,6 +153,7 @@ class PairTrajectory:
         self.cfg, self.shape, self.ops, self.seed, self.device = cfg, shape, list(ops), seed, device
         self.real_x, self.real_y = real_x, real_y
         self.step = 0
+        self.seconds = {"models": 0.0, "ssd": 0.0}   # the last advance's split
         self._reset(0)
 
     def _reset(self, outer: int) -> None:
@@ -173,8 +176,11 @@ class PairTrajectory:
 
     def advance(self) -> None:
         nxt = self.step + 1
+        self.seconds = {"models": 0.0, "ssd": 0.0}     # the split of this advance, for the step's stats
+        t0 = time.perf_counter()
         if nxt % self.cfg.reset_every == 0:
             self._reset(nxt // self.cfg.reset_every)   # the last step's training would be discarded
+            self.seconds["models"] = time.perf_counter() - t0
         else:
             self._train(self.step)
         self.step = nxt
@@ -182,6 +188,7 @@ class PairTrajectory:
     def _train(self, t: int) -> None:
         cfg, m = self.cfg, self.models
         g = generator(self.seed, "train", t)
+        t0 = time.perf_counter()
         for _ in range(cfg.model_steps):
             x, tgt = self._batch(g)
             l1, f1, l2, f2 = m.outputs(x)
@@ -191,6 +198,8 @@ class PairTrajectory:
             loss.backward()
             self.opt1.step()
             self.opt2.step()
+        t1 = time.perf_counter()
+        self.seconds["models"] = t1 - t0
         if not cfg.md:
             return
         for _ in range(cfg.ssd_steps):
@@ -200,6 +209,7 @@ class PairTrajectory:
             self.opt_ssd.zero_grad(set_to_none=True)   # also drops the MD gradients of the model phase
             m.ssd.loss(f1, f2).backward()
             self.opt_ssd.step()
+        self.seconds["ssd"] = time.perf_counter() - t1
 
     def publish(self) -> StateDict:
         """Version ``step`` of the pair: what an image worker loads into its own :class:`PairModels`."""
