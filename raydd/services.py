@@ -170,8 +170,9 @@ class ModelServiceActor:
                     take.append(queue.pop(0))
                     size += len(take[-1][0])
                 now = time.monotonic()
-                self.waits.extend(now - t[3] for t in take)
-                self.counts["queue_s"] += sum(now - t[3] for t in take)
+                waits = [now - t[3] for t in take]
+                self.waits.extend(waits)
+                self.counts["queue_s"] += sum(waits)
                 try:
                     out = await loop.run_in_executor(self.compute, self._run, key, take)
                 except Exception as e:  # every caller of the batch gets the error

@@ -76,8 +76,9 @@ def main() -> None:
     from raydd.config import load_config
     from raydd.data import prepare
     tmp = Path(tempfile.mkdtemp(prefix="bench_hmdc_"))
-    data = load_config(args.config).data.dir
-    if load_config(args.config).data.source == "digits":
+    base = load_config(args.config).data
+    data = base.dir
+    if base.source == "digits":
         data = str(tmp / "digits")
         prepare("digits", data, workers=1)
     rates = {"single-process": single(args, data, tmp / "single")}

@@ -90,7 +90,7 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
     (evaluation mode, no RNG drawn: the training itself is unchanged).
     """
     from ..augment import DSA
-    from ..models import build
+    from ..models import build, is_vit
     from ..train import accuracy, resolve_device, train_classifier
 
     check_mode(mode)
@@ -126,7 +126,7 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
     else:
         x, y = train.images.float().to(device), train.labels.long().to(device)  # small sets live on the device
         if mode == "hard":
-            mix = _cutmix_fn(ecfg.hard_cutmix, seed, num_classes) if ecfg.hard_cutmix and not _is_vit(arch) else None
+            mix = _cutmix_fn(ecfg.hard_cutmix, seed, num_classes) if ecfg.hard_cutmix and not is_vit(net) else None
             history = train_classifier(net, (x, y), loss_fn=mix, progress=hook("train"), **common)
             if mix is not None:
                 extra["cutmix"] = ecfg.hard_cutmix
@@ -157,10 +157,6 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
     acc = accuracy(net, test_batches(), device)
     return {"test_acc": acc, "train_loss_first": history[0], "train_loss_last": history[-1],
             "epochs": epochs, "lr": lr, "seconds": time.time() - t0, **extra}
-
-
-def _is_vit(arch: str) -> bool:
-    return "vit" in arch.split(":")[0].lower() or arch.lower().startswith("timm:vit")
 
 
 def _cutmix_fn(beta: float, seed: int, num_classes: int):
