@@ -6,4 +6,4 @@
 #   tools/gpu_check.sh --out gpu-check.json
 #   tools/gpu_check.sh --device cpu --tiny       # the logic only, on any machine (~1 minute)
 set -euo pipefail
-exec timeout 600 python "$(dirname "$0")/gpu_check.py" "$@"
+exec timeout 600 "${PYTHON:-python3}" "$(dirname "$0")/gpu_check.py" "$@"
