@@ -222,3 +222,35 @@ def test_honest_scores_from_a_sweep_with_full_baseline_and_ars(run):
     assert "## Honest scores (DD-Ranking)" in res.md.read_text()
     # the flipped trials stay out of the accuracy table: one trial per cell
     assert all(row["n"] == 1 for row in doc["aggregate"])
+
+
+def test_stacked_trials_match_lone_ones_and_share_their_keys(run, capsys):
+    root, _ = run
+    lone_dir, stacked_dir = root / "lone", root / "stacked"
+    for d in (lone_dir, stacked_dir):
+        d.mkdir()
+        (d / "teachers").symlink_to(root / "run" / "teachers")
+    kw = dict(synset_dir=root / "run" / "synset")
+    lone = run_evaluation(_cfg(root, archs=["convnet:width=8", "vit_tiny"]), lone_dir, progress=False, **kw)
+    stacked = run_evaluation(_cfg(root, archs=["convnet:width=8", "vit_tiny"], stack=4), stacked_dir, **kw)
+    out = capsys.readouterr().out
+    # convnet: one pack of 4 soft trials (distilled and random, 2 seeds) and one of 2 random · hard;
+    # the ViT trains alone, said once
+    assert "12 trials to run (0 reused) in 8 runs, 6 of them stacked up to 4 at a time" in out
+    assert "trained alone (not stackable): vit_tiny" in stacked.md.read_text()
+    a = {t["label"]: t for t in json.loads(lone.results_json.read_text())["trials"]}
+    b = {t["label"]: t for t in json.loads(stacked.results_json.read_text())["trials"]}
+    assert a.keys() == b.keys() and all(t["status"] == "ok" for t in b.values())
+    for label, t in b.items():
+        assert t["key"] == a[label]["key"]
+        if label.split()[1] == "convnet:width=8":
+            assert t["stacked"] in (2, 4) and t["stacked_with"].startswith(f"stack of {t['stacked']}: ")
+            assert abs(t["test_acc"] - a[label]["test_acc"]) <= 0.01   # up to rounding: a borderline image
+            assert t["train_loss_last"] == pytest.approx(a[label]["train_loss_last"], rel=1e-3)
+        else:
+            assert "stacked" not in t
+    journal = [json.loads(line) for line in (stacked_dir / "eval" / "trials.jsonl").read_text().splitlines()]
+    assert sorted(r["label"] for r in journal) == sorted(b)    # every member journalled on its own
+    # same keys: the lone grid finds everything done in the stacked run's directory
+    again = run_evaluation(_cfg(root, archs=["convnet:width=8", "vit_tiny"]), stacked_dir, progress=False, **kw)
+    assert json.loads(again.results_json.read_text())["experiment"] is None

@@ -269,9 +269,9 @@ class EvalConfig:
     # None = 500 (at most a tenth of the split) when a scheduler/search needs a metric, else none
     val_size: Optional[int] = None
     report_every: Optional[int] = None  # epochs between a trial's intermediate reports; None: epochs/10
-    # trials run at once; None: what fits in a local Ray, uncapped on a joined cluster (its autoscaler
-    # sees the queued trials' demand)
+    # trials run at once; None: what fits in a local Ray, uncapped on a joined cluster (autoscaled)
     max_concurrent: Optional[int] = None
+    stack: int = 1   # hard/soft trials of one arch, lr and mode trained N at once as one wide net (evaluate.stacked)
     precision: Literal["fp32", "bf16"] = "fp32"   # bf16: forwards under autocast, fp32 weights and optimiser
     kd: KDConfig = field(default_factory=KDConfig)
     elf: ELFConfig = field(default_factory=ELFConfig)
@@ -301,6 +301,7 @@ class EvalConfig:
                "null or an integer >= 1")
         _check(self.max_concurrent is None or self.max_concurrent >= 1, f"{key}.max_concurrent",
                self.max_concurrent, "null (as many as the cluster provides) or an integer >= 1")
+        _check(isinstance(self.stack, int) and self.stack >= 1, f"{key}.stack", self.stack, "an integer >= 1")
         self.kd.validate(f"{key}.kd")
         self.elf.validate(f"{key}.elf")
         self.mode_archs.validate(f"{key}.mode_archs", self.archs, self.modes)

@@ -142,9 +142,10 @@ def prepare_sources(synset: str | Path | Synset, data: str, ecfg: EvalConfig, se
     held = [val["sha256"]] if val else []   # sources drawn from the training split change with it
     sources: dict[str, dict[str, Any]] = {
         # templates filled with str.format(seed=…) in each trial: braces of the paths themselves are escaped
-        "distilled": {"synset": _literal(syn_dir.resolve()), "features": None, "fingerprint": [syn_sha, fp]},
+        "distilled": {"synset": _literal(syn_dir.resolve()), "features": None, "fingerprint": [syn_sha, fp],
+                      "images": int(syn.labels.numel())},
         "random": {"synset": _literal((out / "random").resolve()) + "/seed-{seed}", "features": None,
-                   "fingerprint": [fp, teacher_sha, *held]},
+                   "fingerprint": [fp, teacher_sha, *held], "images": ipc * classes},
         "full": {"fingerprint": [fp, *held] if held else fp}}
 
     skip: set[tuple[str, str]] = set()

@@ -100,6 +100,9 @@ def _execute(*, synset, data, ecfg, seeds, lrs, baselines, resources, teachers_d
     if compared and ecfg.val_size == 0:
         raise ConfigError("evaluate.val_size: 0 with a scheduler or search_alg; they compare trials on the "
                           "validation accuracy, so expected null or a number of held-out images")
+    if compared and ecfg.stack > 1:
+        raise ConfigError(f"evaluate.stack: {ecfg.stack} with a scheduler or search_alg; they compare each "
+                          f"trial's own intermediate reports, so expected 1")
     search = tune_opts["search_alg"] is not None
     draws = [{}] if search else variants(space, num_samples, val_seed)
     for v in draws:
@@ -170,19 +173,22 @@ def _execute(*, synset, data, ecfg, seeds, lrs, baselines, resources, teachers_d
 
     experiment, grids = None, []
     ran: list[dict[str, Any]] = []
+    units = _packs(pending, ecfg, prep) if ecfg.stack > 1 else pending
     if pending:
         experiment = _experiment(name, pending, storage)
         ctx = {"data": prep.info.root, "ecfg": dataclasses.asdict(ecfg), "dsa_strategy": dsa_strategy,
                "device": trial_device, "cpus": resources.cpus, "shape": list(prep.info.shape),
                "num_classes": prep.info.num_classes, "sources": prep.sources, "val": prep.val and prep.val["path"],
-               "full_epochs": full_epochs, "trials": {t["label"]: t for t in pending}, "zca": zca,
+               "full_epochs": full_epochs, "trials": {t["label"]: t for t in pending + units}, "zca": zca,
                "holdout": prep.val and {"positions": prep.val["positions"], "samples": prep.val["samples"]}}
         if progress:
+            packed = sum(len(u["members"]) for u in units if u.get("members"))
             print(f"[evaluate] {len(pending)} {'studies' if search else 'trials'} to run ({len(reused)} reused) "
-                  f"→ {storage}/{experiment}", flush=True)
+                  + (f"in {len(units)} runs, {packed} of them stacked up to {ecfg.stack} at a time " if packed else "")
+                  + f"→ {storage}/{experiment}", flush=True)
         from ..raycluster import init_ray
         init_ray(ray_cfg, progress=progress)
-        ran, grids = run_experiments(eval_trainable, ctx, pending, storage, experiment, resources, progress,
+        ran, grids = run_experiments(eval_trainable, ctx, units, storage, experiment, resources, progress,
                                      {**tune_opts, "space": space.tune_params()}, journal, out_dir)
         returned = {r["label"] for r in ran}
         # trials Tune never started (an interrupted sweep) count as unfinished, so counts match the plan
@@ -220,6 +226,40 @@ def _execute(*, synset, data, ecfg, seeds, lrs, baselines, resources, teachers_d
                        plot=written["plot"], out_dir=out_dir, experiment=experiment,
                        seconds=time.time() - t0, notes=notes,
                        result_grid=None if not grids else grids[0] if len(grids) == 1 else grids)
+
+
+def _packs(pending: list[dict[str, Any]], ecfg: EvalConfig, prep: Any) -> list[dict[str, Any]]:
+    """The runs of ``pending`` under ``evaluate.stack``: trials of one (mode, architecture, lr, DSA
+    flip, searched values, set size) in packs of up to ``stack`` trained together
+    (:mod:`raydd.evaluate.stacked`), the rest alone. A pack's result is journalled per member."""
+    from .stacked import stack_refusal, stackable
+
+    refused: dict[str, str | None] = {}
+    bins: dict[str, list[dict[str, Any]]] = {}
+    units = []
+    for t in pending:
+        if t["arch"] not in refused and stackable(t["mode"], ecfg) and t["source"] != "full":
+            refused[t["arch"]] = stack_refusal(t["arch"], tuple(prep.info.shape), int(prep.info.num_classes))
+        if t["source"] == "full" or not stackable(t["mode"], ecfg) or refused.get(t["arch"]):
+            units.append(t)
+            continue
+        b = digest([t["mode"], t["arch"], t["lr"], t.get("dsa"), t.get("params"), prep.sources[t["source"]]["images"]])
+        bins.setdefault(b, []).append(t)
+    for trials in bins.values():
+        for i in range(0, len(trials), ecfg.stack):
+            chunk = trials[i:i + ecfg.stack]
+            if len(chunk) == 1:
+                units += chunk
+                continue
+            first = chunk[0]
+            units.append({**{k: first[k] for k in ("mode", "arch", "lr", "dsa", "params") if k in first},
+                          "label": f"stack of {len(chunk)}: " + ", ".join(t["label"] for t in chunk),
+                          "source": "+".join(dict.fromkeys(t["source"] for t in chunk)), "seed": first["seed"],
+                          "key": digest(sorted(t["key"] for t in chunk))[:16], "members": [t["label"] for t in chunk]})
+    alone = sorted(a for a, why in refused.items() if why)
+    if alone:
+        prep.notes.append("trained alone (not stackable): " + "; ".join(f"{a}: {refused[a]}" for a in alone))
+    return units
 
 
 def _check_settings(ecfg: EvalConfig) -> None:
@@ -303,8 +343,12 @@ def eval_trainable(config: dict[str, Any]) -> None:
     if t.get("dsa") is not None:
         ecfg = dataclasses.replace(ecfg, dsa=bool(t["dsa"]))
     info = load_info(ctx["data"])
-    src = ctx["sources"][t["source"]]
     whiten = whitener(ctx.get("zca"))
+    val = val_batches(ctx["val"], whiten) if ctx.get("val") else None
+    base = {"started_at": started, "total_epochs": int(ecfg.epochs)}   # the driver's "epoch 40/100" lines
+    if t.get("members"):
+        return _stacked_trial(ctx, t, ecfg, info, whiten, base, val)
+    src = ctx["sources"][t["source"]]
     epochs = None
     if t["source"] == "full":
         train: Any = real_train(info, whiten, ecfg.batch_size, int(t["seed"]), ctx.get("holdout"))
@@ -316,9 +360,8 @@ def eval_trainable(config: dict[str, Any]) -> None:
         if src.get("features"):
             train.elf_features = load_tensors(src["features"])["elf_features"]
     total = int(epochs or ecfg.epochs)
-    base = {"started_at": started, "total_epochs": total}   # the driver's "epoch 40/100" lines
+    base["total_epochs"] = total
     every = ecfg.report_every or max(1, round(total / REPORTS))
-    val = val_batches(ctx["val"], whiten) if ctx.get("val") else None
 
     def on_epoch(phase: str, ep: int, loss: float, val_acc: Any = None) -> None:
         # beside a validation split only the evaluated net reports: every result holds the metric
@@ -332,3 +375,30 @@ def eval_trainable(config: dict[str, Any]) -> None:
                            lr=float(t["lr"]), epochs=epochs, dsa_strategy=ctx["dsa_strategy"],
                            device=ctx["device"], on_epoch=on_epoch, val_batches=(lambda: val) if val else None)
     tune.report({**base, "phase": "done", "epoch": total, "train_loss": result["train_loss_last"], **result})
+
+
+def _stacked_trial(ctx: dict[str, Any], pack: dict[str, Any], ecfg: EvalConfig, info: Any, whiten: Any,
+                   base: dict[str, Any], val: Any) -> None:
+    """A pack's run: its members trained as one wide net; the last report holds each member's result
+    under ``members`` (the driver journals them one by one) and their mean beside it."""
+    from ray import tune
+
+    from .stacked import evaluate_stacked
+
+    members = [ctx["trials"][label] for label in pack["members"]]
+    every = ecfg.report_every or max(1, round(ecfg.epochs / REPORTS))
+    trains = [load_synset(ctx["sources"][m["source"]]["synset"].format(seed=m["seed"])) for m in members]
+
+    def on_epoch(ep: int, losses: list[float]) -> None:
+        if ep % every == 0 and ep != int(ecfg.epochs):
+            tune.report({**base, "phase": "train", "epoch": ep, "train_loss": sum(losses) / len(losses)})
+
+    results = evaluate_stacked(pack["arch"], pack["mode"], [int(m["seed"]) for m in members], trains,
+                               real_test(info, whiten), ecfg, image_shape=tuple(ctx["shape"]),
+                               num_classes=int(ctx["num_classes"]), lr=float(pack["lr"]),
+                               dsa_strategy=ctx["dsa_strategy"], device=ctx["device"], on_epoch=on_epoch,
+                               val_batches=(lambda: val) if val else None)
+    mean = lambda k: sum(r[k] for r in results) / len(results)  # noqa: E731
+    tune.report({**base, "phase": "done", "epoch": int(ecfg.epochs), "train_loss": mean("train_loss_last"),
+                 "test_acc": mean("test_acc"), "seconds": sum(r["seconds"] for r in results),
+                 "members": {m["label"]: r for m, r in zip(members, results)}})

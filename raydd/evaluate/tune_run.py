@@ -37,7 +37,7 @@ from .sources import digest
 from .tune_space import params_label, plain
 
 RESULT_KEYS = ("test_acc", "val_acc", "train_loss_first", "train_loss_last", "epochs", "seconds", "teacher_acc",
-               "elf_adapted")
+               "elf_adapted", "stacked")
 CURVE_FIELDS = ("training_iteration", "phase", "epoch", "train_loss", "val_acc", "test_acc", "time_total_s")
 METRIC, METRIC_MODE = "val_acc", "max"   # what schedulers and searchers compare unless told otherwise
 
@@ -79,6 +79,17 @@ def record(trial: dict[str, Any], m: dict[str, Any], error: BaseException | None
         rec.update(status="error" if error is not None else "unfinished",
                    error=first_line(error) if error is not None else "")
     return rec
+
+
+def records(plan: dict[str, dict[str, Any]], t: dict[str, Any], m: dict[str, Any],
+            error: BaseException | None) -> list[dict[str, Any]]:
+    """:func:`record`, or for a pack of stacked trials one row per member (``stacked``: with whom)."""
+    if not t.get("members"):
+        return [record(t, m, error)]
+    done = m.get("members") or {}
+    return [dict(record(plan[label], {**m, **done[label]} if label in done else
+                        {k: v for k, v in m.items() if k != "test_acc"}, error), stacked_with=t["label"])
+            for label in t["members"]]
 
 
 def fresh(obj: Any, what: str) -> Any:
@@ -164,7 +175,7 @@ def run_experiments(trainable: Any, ctx: dict[str, Any], pending: list[dict[str,
                for _ in range(tune_opts["num_samples"] - t.get("done", 0) if t.get("study") else 1)]
     shared = ([trial_lines(plan, planned)] if progress else []) + list(tune_opts.get("callbacks") or [])
     trainable = tune.with_resources(trainable, {"cpu": res.cpus, "gpu": res.gpus})
-    records, grids = [], []
+    done, grids = [], []
     for bracket, trials in groups(pending, scheduler is not None or search_alg is not None):
         name = f"{experiment}/{bracket}" if bracket else experiment
         sched, search = fresh(scheduler, "scheduler"), fresh(search_alg, "search_alg")
@@ -195,14 +206,14 @@ def run_experiments(trainable: Any, ctx: dict[str, Any], pending: list[dict[str,
         grids.append(grid)
         for r in grid:
             t = identity(plan, r.config or {})
-            if t:
-                rec = dict(record(t, r.metrics or {}, r.error), experiment=experiment)
+            for rec in records(plan, t, r.metrics or {}, r.error) if t else []:
+                rec["experiment"] = experiment
                 if (out_dir / "curves" / f"{t['key']}.csv").exists():
                     rec["curve"] = f"curves/{t['key']}.csv"
                 if rec["status"] == "stopped":
                     rec["stopped_by"] = type(sched).__name__
-                records.append(rec)
-    return records, grids
+                done.append(rec)
+    return done, grids
 
 
 def curves_journal(path: Path, out_dir: Path, plan: dict[str, dict[str, Any]], experiment: str,
@@ -220,12 +231,14 @@ def curves_journal(path: Path, out_dir: Path, plan: dict[str, dict[str, Any]], e
             t = identity(plan, trial.config)
             if t is None or trial.trial_id in self.written:
                 return
-            rec = record(t, result or {}, None)
-            if rec["status"] not in ("ok", "stopped"):
+            recs = [r for r in records(plan, t, result or {}, None) if r["status"] in ("ok", "stopped")]
+            if not recs:
                 return
-            rec.update(experiment=experiment, curve=self._curve(trial, t["key"]),
-                       **({"stopped_by": scheduler} if rec["status"] == "stopped" else {}))
-            append_journal(path, rec)
+            curve = self._curve(trial, t["key"])
+            for rec in recs:
+                rec.update(experiment=experiment, curve=curve,
+                           **({"stopped_by": scheduler} if rec["status"] == "stopped" else {}))
+                append_journal(path, rec)
             self.written.add(trial.trial_id)
 
         def _curve(self, trial: Any, key: str) -> str:

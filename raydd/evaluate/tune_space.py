@@ -28,7 +28,8 @@ from .sources import digest
 
 # EvalConfig fields that choose *which* trials run or *where*, not what a trial computes.
 NOT_SETTINGS = {"archs", "modes", "mode_archs", "seeds", "lr", "arch_lr", "lr_search", "baselines",
-                "storage_path", "resources", "ars", "val_size", "report_every", "max_concurrent"}
+                "storage_path", "resources", "ars", "val_size", "report_every", "max_concurrent",
+                "stack"}
 
 
 @dataclass
