@@ -181,8 +181,10 @@ def train_classifier(model: nn.Module,
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, batches: Iterable[Batch], device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy over ``(x, y, …)`` batches, in eval mode (the previous mode is restored)."""
+def accuracy(model: nn.Module, batches: Iterable[Batch], device: str | torch.device = "cpu",
+             precision: str = "fp32") -> float:
+    """Top-1 accuracy over ``(x, y, …)`` batches, in eval mode (the previous mode is restored);
+    ``precision`` "bf16" runs the forwards under :func:`autocast`, as the training did."""
     device = resolve_device(device)
     was_training = model.training
     # oneDNN's inference convolutions are ~1.3-1.5x faster channels-last on CPU (tools/bench_eval.py);
@@ -199,7 +201,8 @@ def accuracy(model: nn.Module, batches: Iterable[Batch], device: str | torch.dev
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cpu and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            correct += (model(x).argmax(1) == y).sum()
+            with autocast(device, precision):
+                correct += (model(x).argmax(1) == y).sum()
             total += y.shape[0]
     finally:
         model.train(was_training)

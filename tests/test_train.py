@@ -191,6 +191,12 @@ def test_bf16_training_keeps_fp32_weights_and_learns_like_fp32():
     assert a16 >= 0.95 and abs(a16 - a32) <= 0.03
     assert not torch.equal(n32[1].weight, n16[1].weight)      # bf16 really ran: rounding differs
     assert h16[-1] < h16[0] * 0.5
+    # the test pass of a bf16 trial runs under autocast too, and agrees with the fp32 pass here
+    seen = []
+    n16.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    assert accuracy(n16, [(x, y)], precision="bf16") == pytest.approx(runs["bf16"][1], abs=0.03)
+    accuracy(n16, [(x, y)])
+    assert seen == [torch.bfloat16, torch.float32]
 
 
 def test_bf16_without_hardware_support_is_said_once(monkeypatch, capsys):

@@ -116,7 +116,7 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
         if val_batches is None:
             return lambda ep, loss: on_epoch(phase, ep, loss)
         m = net if model is None else model
-        return lambda ep, loss: on_epoch(phase, ep, loss, lambda: accuracy(m, val_batches(), device))
+        return lambda ep, loss: on_epoch(phase, ep, loss, lambda: accuracy(m, val_batches(), device, ecfg.precision))
 
     extra: dict[str, Any] = {}
     torch.manual_seed(int(seed))
@@ -137,7 +137,7 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
             torch.manual_seed(int(seed) + 1_000_003)  # a teacher initialised unlike the student
             teacher = build(ecfg.kd.teacher_arch, C, num_classes, H)
             train_classifier(teacher, (x, y), progress=hook("teacher", teacher), **common)
-            extra["teacher_acc"] = accuracy(teacher, test_batches(), device)
+            extra["teacher_acc"] = accuracy(teacher, test_batches(), device, ecfg.precision)
             teacher.eval().requires_grad_(False)
             history = train_classifier(net, (x, y), loss_fn=_kd_fn(teacher, ecfg), progress=hook("train"),
                                        **common)
@@ -153,8 +153,8 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
                                        loss_fn=lambda m, xa, ya, f: m.loss(xa, ya, f, ecfg.elf),
                                        progress=hook("train"), **common)
     if val_batches is not None:
-        extra["val_acc"] = accuracy(net, val_batches(), device)
-    acc = accuracy(net, test_batches(), device)
+        extra["val_acc"] = accuracy(net, val_batches(), device, ecfg.precision)
+    acc = accuracy(net, test_batches(), device, ecfg.precision)
     return {"test_acc": acc, "train_loss_first": history[0], "train_loss_last": history[-1],
             "epochs": epochs, "lr": lr, "seconds": time.time() - t0, **extra}
 

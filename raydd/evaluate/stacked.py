@@ -206,14 +206,16 @@ def train_stacked(stack: Stack, sets: Sequence[Sequence[torch.Tensor]], mode: st
 
 
 @torch.no_grad()
-def stacked_accuracy(stack: Stack, batches: Iterable, device: torch.device) -> list[float]:
+def stacked_accuracy(stack: Stack, batches: Iterable, device: torch.device, precision: str = "fp32") -> list[float]:
     """Each member's top-1 accuracy over shared ``(x, y, …)`` batches, in eval mode."""
+    from ..train import autocast
     stack.train(False)
     correct, total = torch.zeros(stack.size, dtype=torch.long, device=device), 0
     try:
         for x, y, *_ in batches:
             x, y = x.to(device), y.to(device)
-            correct += (stack(x, shared=True).argmax(2) == y).sum(1)
+            with autocast(device, precision):
+                correct += (stack(x, shared=True).argmax(2) == y).sum(1)
             total += y.shape[0]
     finally:
         stack.train(True)
@@ -258,8 +260,8 @@ def evaluate_stacked(arch: str, mode: str, seeds: Sequence[int], trains: Sequenc
     gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     history = train_stacked(stack, sets, mode, ecfg, epochs=int(ecfg.epochs), lr=lr, dsa=dsa, generators=gens,
                             device=device, progress=on_epoch)
-    val = stacked_accuracy(stack, val_batches(), device) if val_batches is not None else None
-    accs = stacked_accuracy(stack, test_batches(), device)
+    val = stacked_accuracy(stack, val_batches(), device, ecfg.precision) if val_batches is not None else None
+    accs = stacked_accuracy(stack, test_batches(), device, ecfg.precision)
     seconds = time.time() - t0
     return [{"test_acc": accs[s], "train_loss_first": history[s][0], "train_loss_last": history[s][-1],
              "epochs": int(ecfg.epochs), "lr": lr, "seconds": seconds / len(seeds), "stacked": len(seeds),
