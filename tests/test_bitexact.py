@@ -35,6 +35,12 @@ DIGESTS = {
           "synset": "30a84e38564563a3d1aa102ca6e0e588f7ba648f19dba8889fb51bb74f751655",
           "zca": "89dfd589911fc4c87fc435a46b0c49578ff9dc7aa69ac08a9c8118d08003c2f8",
           "rollback": "a31a3f92db537fa9ce05babaecd9370ce6c9a9eaed85d04f351c59a5a5f33b3e"},
+    # AMD EPYC with AVX-512 including AVX512-BF16 and VNNI (torch's CPU capability AVX512), torch
+    # 2.14.1+cu130: the unchanged reference commit 63b384d gives exactly this set there
+    "c": {"teachers": "4bc4d2750168b810b1162b28340eb8d6890da662dc0516ff2e65cc12749414cd",
+          "synset": "ae8a15ce8026f4a2b2ffc9613d25235bbb904715c5e70a13c4dbd8dbeaa5329c",
+          "zca": "0765447cde506f65ad97f2174ce47680f1f41e428b00f07a04b048eeb5eb0e05",
+          "rollback": "071ebf44c8192e121d6f5180b1202c1be7182966ef65c21c91730cade159102c"},
 }
 
 
