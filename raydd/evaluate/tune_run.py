@@ -83,7 +83,7 @@ def record(trial: dict[str, Any], m: dict[str, Any], error: BaseException | None
 
 def records(plan: dict[str, dict[str, Any]], t: dict[str, Any], m: dict[str, Any],
             error: BaseException | None) -> list[dict[str, Any]]:
-    """:func:`record`, or for a pack of stacked trials one row per member (``stacked``: with whom)."""
+    """:func:`record`, or for a pack of stacked trials one row per member (``stacked_with``: the pack)."""
     if not t.get("members"):
         return [record(t, m, error)]
     done = m.get("members") or {}
