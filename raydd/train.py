@@ -116,6 +116,11 @@ def tensor_batches(tensors: Sequence[torch.Tensor], batch_size: int, *, shuffle:
         yield tuple(t[idx.to(t.device)] for t in tensors)
 
 
+def decay_epoch(epochs: int) -> int:
+    """The epoch (from 0) at which the recipe's lr drops ×0.1: half-way; a single epoch never decays."""
+    return max(1, epochs // 2)
+
+
 def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
 
@@ -150,7 +155,7 @@ def train_classifier(model: nn.Module,
     loss_fn = loss_fn or _cross_entropy
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    decay_at = max(1, epochs // 2)  # a single epoch is never decayed
+    decay_at = decay_epoch(epochs)
     history: list[float] = []
     for epoch in range(epochs):
         if epoch == decay_at:

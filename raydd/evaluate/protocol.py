@@ -116,7 +116,8 @@ def evaluate_once(arch: str, mode: str, seed: int, train: Synset | Callable[[], 
         if val_batches is None:
             return lambda ep, loss: on_epoch(phase, ep, loss)
         m = net if model is None else model
-        return lambda ep, loss: on_epoch(phase, ep, loss, lambda: accuracy(m, val_batches(), device, ecfg.precision))
+        return lambda ep, loss: on_epoch(phase, ep, loss,
+                                         lambda: accuracy(m, val_batches(), device, ecfg.precision))
 
     extra: dict[str, Any] = {}
     torch.manual_seed(int(seed))

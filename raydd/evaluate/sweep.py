@@ -238,13 +238,13 @@ def _packs(pending: list[dict[str, Any]], ecfg: EvalConfig, prep: Any) -> list[d
     bins: dict[str, list[dict[str, Any]]] = {}
     units = []
     for t in pending:
-        if t["arch"] not in refused and stackable(t["mode"], ecfg) and t["source"] != "full":
+        if t["source"] != "full" and stackable(t["mode"], ecfg) and t["arch"] not in refused:
             refused[t["arch"]] = stack_refusal(t["arch"], tuple(prep.info.shape), int(prep.info.num_classes))
-        if t["source"] == "full" or not stackable(t["mode"], ecfg) or refused.get(t["arch"]):
+        if t["source"] == "full" or not stackable(t["mode"], ecfg) or refused[t["arch"]]:
             units.append(t)
             continue
-        b = digest([t["mode"], t["arch"], t["lr"], t.get("dsa"), t.get("params"), prep.sources[t["source"]]["images"]])
-        bins.setdefault(b, []).append(t)
+        size = prep.sources[t["source"]]["images"]
+        bins.setdefault(digest([t["mode"], t["arch"], t["lr"], t.get("dsa"), t.get("params"), size]), []).append(t)
     for trials in bins.values():
         for i in range(0, len(trials), ecfg.stack):
             chunk = trials[i:i + ecfg.stack]
@@ -361,7 +361,7 @@ def eval_trainable(config: dict[str, Any]) -> None:
             train.elf_features = load_tensors(src["features"])["elf_features"]
     total = int(epochs or ecfg.epochs)
     base["total_epochs"] = total
-    every = ecfg.report_every or max(1, round(total / REPORTS))
+    every = _report_every(ecfg, total)
 
     def on_epoch(phase: str, ep: int, loss: float, val_acc: Any = None) -> None:
         # beside a validation split only the evaluated net reports: every result holds the metric
@@ -377,6 +377,10 @@ def eval_trainable(config: dict[str, Any]) -> None:
     tune.report({**base, "phase": "done", "epoch": total, "train_loss": result["train_loss_last"], **result})
 
 
+def _report_every(ecfg: EvalConfig, total: int) -> int:
+    return ecfg.report_every or max(1, round(total / REPORTS))
+
+
 def _stacked_trial(ctx: dict[str, Any], pack: dict[str, Any], ecfg: EvalConfig, info: Any, whiten: Any,
                    base: dict[str, Any], val: Any) -> None:
     """A pack's run: its members trained as one wide net; the last report holds each member's result
@@ -386,7 +390,7 @@ def _stacked_trial(ctx: dict[str, Any], pack: dict[str, Any], ecfg: EvalConfig, 
     from .stacked import evaluate_stacked
 
     members = [ctx["trials"][label] for label in pack["members"]]
-    every = ecfg.report_every or max(1, round(ecfg.epochs / REPORTS))
+    every = _report_every(ecfg, int(ecfg.epochs))
     trains = [load_synset(ctx["sources"][m["source"]]["synset"].format(seed=m["seed"])) for m in members]
 
     def on_epoch(ep: int, losses: list[float]) -> None:
