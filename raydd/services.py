@@ -132,7 +132,8 @@ class ModelServiceActor:
         fraction of the time since the first request that the device computed (``busy``)."""
         c, waits = self.counts, sorted(self.waits)
         up = time.monotonic() - self.since if self.since is not None else 0.0
-        return {**c, "pid": os.getpid(), "device": str(self.local.device),
+        from .train import peak_memory
+        return {**c, "pid": os.getpid(), "device": str(self.local.device), "memory": peak_memory(self.local.device),
                 "requests_per_batch": c["requests"] / max(c["batches"], 1),
                 "queue_ms_mean": 1e3 * c["queue_s"] / max(c["requests"], 1),
                 "queue_ms_p95": 1e3 * waits[int(0.95 * (len(waits) - 1))] if waits else 0.0,

@@ -69,6 +69,16 @@ def keep_freed_memory() -> bool:
     return _heap_kept
 
 
+def peak_memory(device: torch.device | str = "cpu") -> dict[str, float]:
+    """This process's peak resident memory in MB since it started (Ray reuses worker processes, so it
+    covers earlier tasks there too), and on CUDA the peak the caching allocator handed out."""
+    import resource
+    out = {"rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}   # KiB on Linux
+    if torch.device(device).type == "cuda":
+        out["cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
 def bf16_native(device: torch.device | str) -> bool:
     """Whether bf16 convolutions and matmuls run in hardware here: a CUDA GPU with bf16, or a CPU
     with AVX512-BF16 or AMX. Elsewhere torch emulates them, far slower than fp32."""

@@ -107,6 +107,9 @@ def test_local_run_writes_complete_synset(local_run, teachers):
     doc = syn.meta
     assert [(t["file"], t["sha256"]) for t in doc["teachers"]] == [(r["file"], r["sha256"]) for r in records]
     assert [g["seed"] for g in doc["groups"]] == [0, 1] and doc["counts"]["per_group"] == [20, 10]
+    # every group's peak memory, from its progress record; the interpreter with torch alone is > 100 MB
+    assert all(g["memory"]["rss_mb"] > 100 and g["memory"] == progress_of(run, g["group"])["memory"]
+               for g in doc["groups"])
     assert doc["config"]["distill"]["ipc"] == 3 and doc["soft_labels"]["teachers"] == ["teacher-000.safetensors"]
     assert result.grid_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for g in (0, 1):
@@ -311,6 +314,7 @@ def test_groups_are_spread_over_service_replicas(local_run, teachers, tmp_path):
     assert len(served) == 2 and served[0]["pid"] != served[1]["pid"]
     assert all(s["requests"] >= 2 * DISTILL["rounds"] and s["batches"] >= 1 for s in served), served
     assert all(s["queue_ms_mean"] >= 0 and 0 < s["busy"] <= 1 for s in served), served
+    assert all(g["memory"]["rss_mb"] > 100 for g in load_synset(result.synset_dir).meta["groups"])   # Ray workers'
     assert torch.allclose(load_synset(result.synset_dir).images, load_synset(local_run[2].synset_dir).images,
                           atol=1e-5)
 

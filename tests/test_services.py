@@ -183,6 +183,7 @@ def test_concurrent_requests_are_coalesced(ray_service, local_teachers):
     # How batching keeps up: requests per batch, the measured wait before a batch, a busy fraction.
     assert after["requests_per_batch"] == pytest.approx(after["requests"] / after["batches"])
     assert after["queue_ms_mean"] > 0 and after["queue_ms_p95"] > 0 and 0 < after["busy"] <= 1
+    assert after["memory"]["rss_mb"] > 100   # the actor's own peak RSS, with torch and its teachers loaded
 
 
 @pytest.mark.ray

@@ -97,7 +97,8 @@ def aggregate(cfg: Config, run_dir: Path, plans: list[GroupPlan], service: Any, 
         provenance.append({"group": p.index, "ipc": p.ipc, "seed": p.seed, "rounds": p.rounds,
                            "rollbacks": prog.get("rollbacks", 0), "starts": prog.get("starts", []),
                            "completions": prog.get("completions", 0), "loss": prog.get("loss"),
-                           "seconds": prog.get("seconds", {}), "sha256": sha256_file(p.final_path)})
+                           "seconds": prog.get("seconds", {}),
+                           **({"memory": prog["memory"]} if "memory" in prog else {}), "sha256": sha256_file(p.final_path)})
     images_t, labels_t = torch.cat(images), torch.cat(labels)
     soft, used = soft_labels(service, images_t, cfg.distill.soft_labels, cfg.distill.service.max_batch)
     if not torch.isfinite(soft).all():

@@ -262,6 +262,7 @@ def _run_on_ray(cfg: Config, run_dir: Path, plans: list[GroupPlan], todo: list[G
         for msg in ray.get(board.take.remote()):
             view.handle(msg)
         _service_report(handles, run_dir, view)
+        _memory_report(plans, aux_handles, view)
         if errors:
             raise errors[0]
         return aggregate(cfg, run_dir, plans, RayService(handles[0]), records, info, fingerprint_sha=fp, zca=zca,
@@ -292,7 +293,23 @@ def _service_report(handles: list, run_dir: Path, view: LiveView) -> None:
     for r, s in enumerate(stats):
         view.note(f"teacher service{f' replica {r}' if len(stats) > 1 else ''}: {s['requests']} requests in "
                   f"{s['batches']} batches ({s['requests_per_batch']:.1f} per batch), queued "
-                  f"{s['queue_ms_mean']:.1f} ms mean / {s['queue_ms_p95']:.1f} ms p95, busy {s['busy']:.0%}")
+                  f"{s['queue_ms_mean']:.1f} ms mean / {s['queue_ms_p95']:.1f} ms p95, busy {s['busy']:.0%}, "
+                  f"peak RSS {s['memory']['rss_mb']:,.0f} MB")
+
+
+def _memory_report(plans: list[GroupPlan], aux_handles: list, view: LiveView) -> None:
+    """One line of peak memory: each group's worker (from its progress record) and each auxiliary
+    service shard (the teacher service's is on its own line)."""
+    import ray
+    groups = [p.read_progress().get("memory") for p in plans]
+    try:
+        aux = [s["memory"] for s in ray.get([h.stats.remote() for h in aux_handles], timeout=30)]
+    except Exception:
+        aux = []
+    if any(groups):
+        text = ", ".join(f"group {p.index} {m['rss_mb']:,.0f} MB" for p, m in zip(plans, groups) if m)
+        view.note(f"peak RSS: {text}" + "".join(f", auxiliary shard {i} {m['rss_mb']:,.0f} MB"
+                                               for i, m in enumerate(aux)))
 
 
 def _service_size(handle: Any) -> int:

@@ -20,6 +20,7 @@ from ..errors import RayddError
 from ..io import load_tensors, save_tensors, write_json
 from ..methods import Method, NonFiniteImages, RealImages, Services, Setup, method_class
 from ..tracking import Curves, curves_dir, snapshot_due, snapshot_every
+from ..train import peak_memory
 from .plan import DataShape, GroupPlan
 
 MAX_ROLLBACKS = 3              # non-finite images this often after the same checkpoint = give up
@@ -161,7 +162,7 @@ def distill_group(cfg: Config, plan: GroupPlan, init: tuple[torch.Tensor, torch.
                 _save_state(plan, group)
                 tracking.curves.flush()
                 failures = 0
-                progress.update(round=group.round, loss=loss, rate=rate, seconds=seconds)
+                progress.update(round=group.round, loss=loss, rate=rate, seconds=seconds, memory=peak_memory(device))
                 write_json(plan.progress_path, progress)
             if checkpoint or now - last_report >= REPORT_EVERY_S:
                 report({**base, "kind": "checkpoint" if checkpoint else "round", "round": group.round,
@@ -172,7 +173,7 @@ def distill_group(cfg: Config, plan: GroupPlan, init: tuple[torch.Tensor, torch.
 
     images, labels = (t.detach().cpu() for t in group.synset())   # HMDC: decoded, f² per stored image
     save_final(plan, images, labels)
-    progress.update(round=group.round, done=True, loss=loss, seconds=seconds,
+    progress.update(round=group.round, done=True, loss=loss, seconds=seconds, memory=peak_memory(device),
                     completions=progress["completions"] + 1)
     write_json(plan.progress_path, progress)
     report({**base, "kind": "done", "round": group.round, "loss": loss})
