@@ -86,7 +86,7 @@ def stage_distill(cfg: Config, run_dir: Path):
         stage_auxiliaries(cfg, run_dir)   # `raydd distill` alone: the pool first
     from .distillation import run_distill
     result = run_distill(cfg, run_dir)
-    print(f"[distill] synset: {result.synset_dir} (grid: {result.grid_path})", flush=True)
+    print(f"[distill] synset: {result.synset_dir} (grid: {result.grid_path}; {result.seconds:.0f} s)", flush=True)
     return result
 
 

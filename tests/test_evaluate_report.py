@@ -203,3 +203,39 @@ def test_storage_path_that_cannot_be_written(digits, tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(RayddError, match=r"storage_path .*a-file/tune' cannot be written"):
         _sweep(_synset(tmp_path), digits, tmp_path, storage_path=str(blocker / "tune"))
+
+
+def test_compare_synsets_splits_seen_unseen_and_reads_the_cost(tmp_path, capsys):
+    """tools/compare_synsets.py on two hand-made reports: cells, the noise mark, the part means, the cost."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("compare_synsets",
+                                                  Path(__file__).resolve().parents[1] / "tools" / "compare_synsets.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    accs = {("plain", "convnet"): (0.80, 0.82), ("plain", "lenet"): (0.60, 0.62), ("plain", "mlp"): (0.70, 0.72),
+            ("meta", "convnet"): (0.79, 0.81), ("meta", "lenet"): (0.70, 0.72), ("meta", "mlp"): (0.75, 0.77),
+            ("random", "convnet"): (0.70, 0.72), ("random", "lenet"): (0.68, 0.70), ("random", "mlp"): (0.76, 0.78)}
+    paths = []
+    for name, metadd in (("plain", False), ("meta", True)):
+        syn = tmp_path / name / "synset"
+        syn.mkdir(parents=True)
+        groups = [{"group": g, "rounds": 10, "seconds": {"student": 10.0, "image": 5.0,
+                                                         **({"auxiliaries": 5.0} if metadd else {})},
+                   "memory": {"rss_mb": 800.0 + g}} for g in range(2)]
+        config = {"teachers": {"arch": "convnet"}, "data": {"source": "digits"},
+                  "distill": {"metadd": {"enabled": metadd}}, "auxiliaries": {"archs": ["lenet"]}}
+        (syn / "manifest.json").write_text(json.dumps({"groups": groups, "config": config}))
+        trials = [_trial(src, a, "soft", s, accs[(src if src == "random" else name, a)][s])
+                  for src in ("synset", "random") for a in ("convnet", "lenet", "mlp") for s in (0, 1)]
+        doc = {"aggregate": report.aggregate(trials), "archs": ["convnet", "lenet", "mlp"], "synset": str(syn)}
+        paths.append(f"{name}={tmp_path / name / 'results.json'}")
+        (tmp_path / name / "results.json").write_text(json.dumps(doc))
+    assert tool.main(paths) == 0
+    out = capsys.readouterr().out
+    assert "| lenet | seen (auxiliaries) | 61.00 ± 1.00 | 71.00 ± 1.00 | 69.00 ± 1.00 |" in out
+    assert "| convnet | distilled with | 81.00 ± 1.00 | 80.00 ± 1.00 | 71.00 ± 1.00 |" in out
+    assert "| mlp | unseen | 71.00 ± 1.00 | 76.00 ± 1.00 ~ | 77.00 ± 1.00 |" in out   # 1 point < 1 + 1
+    assert "| **unseen mean** | | 71.00 (1) | 76.00 (1) | 77.00 (1) |" in out
+    assert "2 groups × 10 rounds; 4.00 s of group compute per round (student 2.00, image 1.00, auxiliaries 1.00); " \
+           "auxiliaries 25% of it; peak RSS per group worker 800, 801 MB" in out

@@ -15,8 +15,8 @@ from raydd.methods import RealImages, Setup
 from raydd.methods.hmdc import ClassShard, HMDCGroup, init_packed
 from raydd.methods.hmdc_pair import PairTrajectory, fresh_pair
 from raydd.augment import cutmix
-from raydd.methods.hmdc_parts import (augment, channel_normalise, gbm_weights, generator, kmeans,
-                                      layerwise, nearest_distinct, pack, sse, unpack)
+from raydd.methods.gbm import GradientBalance, channel_normalise, gbm_weights
+from raydd.methods.hmdc_parts import augment, generator, kmeans, layerwise, nearest_distinct, pack, sse, unpack
 
 torch.set_num_threads(1)
 ALL_OPS = ["flip", "color", "crop", "scale", "rotate", "cutout"]
@@ -65,6 +65,30 @@ def test_gbm_weights_and_per_channel_linf_normalisation():
     n = channel_normalise(g)
     assert torch.allclose(n.abs().amax(dim=(2, 3)), torch.ones(3, 2), atol=1e-5)
     assert torch.allclose(n * g.abs().amax(dim=(2, 3), keepdim=True), g, atol=1e-4)   # only a rescale
+
+
+def test_gradient_balance_over_classes_by_hand():
+    """APM + MetaDD's balancer (distill.balance: gbm): per-class accumulators of each target's max |g|,
+    sampled every `every` steps, weights min(A)/a_k per class, then the per-channel L-inf normalisation."""
+    labels = torch.tensor([0, 0, 1])
+    g_dd = torch.zeros(3, 1, 2, 2)
+    g_dd[0, 0, 0, 0], g_dd[1, 0, 1, 1], g_dd[2, 0, 0, 1] = 4.0, -2.0, 1.0    # class maxima 4 and 1
+    g_aux = torch.zeros(3, 1, 2, 2)
+    g_aux[0, 0, 1, 0], g_aux[1, 0, 0, 0], g_aux[2, 0, 1, 1] = 1.0, -0.5, 3.0  # class maxima 1 and 3
+    gbm = GradientBalance(num_classes=3, targets=2, every=2)
+    out, w = gbm.balance([g_dd, g_aux], labels, step=0)
+    eps = 1e-6
+    # class 0: A = (4, 1) -> w = (1/4, 1); class 1: A = (1, 3) -> w = (1, 1/3); class 2 absent: w = (1, 1)
+    assert torch.allclose(gbm.acc, torch.tensor([[4 + eps, 1 + eps], [1 + eps, 3 + eps], [eps, eps]]))
+    assert torch.allclose(w, torch.tensor([[0.25, 1.0], [1.0, 1 / 3], [1.0, 1.0]]), atol=1e-5)
+    combined = torch.stack([0.25 * g_dd[0] + g_aux[0], 0.25 * g_dd[1] + g_aux[1], g_dd[2] + g_aux[2] / 3])
+    assert torch.allclose(out, combined / (combined.abs().amax(dim=(2, 3), keepdim=True) + eps), atol=1e-6)
+    gbm.balance([g_dd, g_aux], labels, step=1)           # not a sampling step: the accumulator stays
+    assert torch.allclose(gbm.acc[0], torch.tensor([4 + eps, 1 + eps]))
+    gbm.balance([g_dd, 2 * g_aux], labels, step=2)      # sampled again: the maxima add up
+    assert torch.allclose(gbm.acc[0], torch.tensor([8 + eps, 3 + eps]))
+    with pytest.raises(ValueError, match="2 targets"):
+        gbm.balance([g_dd], labels, step=3)
 
 
 def test_multi_formation_packs_and_decodes_factor_squared_images():

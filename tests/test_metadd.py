@@ -189,11 +189,11 @@ def test_options_are_checked_and_the_term_is_registered():
 
 # ------------------------------------------------------------------------------- APM + MetaDD
 
-def apm_group(metadd, seed=0):
+def apm_group(metadd, seed=0, **kw):
     from raydd.config import DistillConfig
     from raydd.methods.apm import APMGroup
     cfg = DistillConfig(ipc=1, rounds=6, student_epochs=2, checkpoints=1, student_batch=8, refresh_every=3,
-                        lr_net=0.05, lr_img=0.5, batch_size=4, metadd=metadd)
+                        lr_net=0.05, lr_img=0.5, batch_size=4, metadd=metadd, **kw)
     x, y = batch(6, seed=4)
     return APMGroup(cfg, x.float(), y, student_spec="convnet:width=4", in_channels=1, num_classes=CLASSES,
                     image_size=8, seed=seed)
@@ -243,6 +243,43 @@ def test_apm_with_metadd_resumes_exactly(tmp_path):
     resumed.load_state_dict(load_tensors(tmp_path / "g.safetensors"))
     for _ in range(2):
         resumed.step(services)
+    assert torch.equal(resumed.images, straight.images)
+
+
+def test_apm_balances_metadd_with_gbm_and_resumes_exactly(tmp_path):
+    """distill.balance: gbm combines L_dd's and MetaDD's gradients with HMDC's GBM: the first step is
+    lr × the per-class weighted, per-channel L-inf normalised sum; the accumulators resume exactly."""
+    from raydd.config.metadd import MetaDDConfig
+    from raydd.io import load_tensors, save_tensors
+    from raydd.methods.apm import image_loss_and_grad
+    from raydd.methods.gbm import GradientBalance
+    section = MetaDDConfig(enabled=True, cam_size=4)
+    services = apm_services()
+    plain, group = apm_group(section), apm_group(section, balance="gbm", balance_every=2)
+    u0 = group.images.clone()
+    a, b = plain.step(services), group.step(services)
+    idx = (group.momentum != 0).flatten(1).any(1)
+    x, y = u0[idx], group.labels[idx]
+    _, g_dd = image_loss_and_grad(x, y, plain.student, plain.checkpoints, services.teachers, a["teacher"])
+    _, g_aux = MetaDDTerm(MetaDDOptions.from_config(section)).loss_and_grad(x, y, services, teacher=b["teacher"])
+    want, w = GradientBalance(CLASSES, 2, every=2).balance([g_dd, g_aux], y, step=0)
+    torch.testing.assert_close(group.images[idx], x - 0.5 * want, rtol=1e-4, atol=1e-6)
+    moved = (x - group.images[idx]).abs().amax(dim=(2, 3))     # lr is each channel's largest pixel move
+    assert torch.allclose(moved, torch.full_like(moved, 0.5), rtol=1e-3)   # up to the eps of the L-inf
+    assert b["gbm"] == pytest.approx({"w_dd": float(w[y, 0].mean()), "w_metadd": float(w[y, 1].mean())})
+    assert min(b["gbm"].values()) < 1.0 and not torch.equal(group.images, plain.images)
+
+    straight = apm_group(section, balance="gbm", balance_every=2)
+    for _ in range(4):
+        straight.step(services)
+    first = apm_group(section, balance="gbm", balance_every=2)
+    for _ in range(3):
+        first.step(services)
+    save_tensors(tmp_path / "g.safetensors", first.state_dict())
+    resumed = apm_group(section, seed=5, balance="gbm", balance_every=2)
+    resumed.load_state_dict(load_tensors(tmp_path / "g.safetensors"))
+    assert torch.equal(resumed.balance.acc, first.balance.acc) and bool((first.balance.acc > 1e-5).any())
+    resumed.step(services)
     assert torch.equal(resumed.images, straight.images)
 
 

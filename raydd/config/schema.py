@@ -113,8 +113,7 @@ class ServiceConfig:
     replicas: int = 1                  # copies of the service; group i uses copy i mod replicas
 
     def validate(self, key: str) -> None:
-        _positive(self, key, "max_batch")
-        _positive(self, key, "replicas")
+        _positive(self, key, "max_batch", "replicas")
         _check(self.max_restarts >= -1, f"{key}.max_restarts", self.max_restarts, "an integer >= 0, or -1 for no limit")
         self.resources.validate(f"{key}.resources")
 
@@ -146,6 +145,9 @@ class DistillConfig:
     # students train under bf16 autocast (fp32 weights and optimiser); the image gradient stays fp32
     precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_every: int = 50
+    # GBM (paper 004) between L_dd and MetaDD's term; its normalised step makes lr_img a pixel move
+    balance: Literal["none", "gbm"] = "none"
+    balance_every: int = 10            # rounds between samples of GBM's accumulators
     max_retries: int = 3
     pool: PoolConfig = field(default_factory=PoolConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
@@ -155,7 +157,9 @@ class DistillConfig:
 
     def validate(self, key: str) -> None:
         _positive(self, key, "ipc", "groups", "rounds", "student_epochs", "checkpoints",
-                  "refresh_every", "lr_net", "student_batch", "lr_img", "checkpoint_every")
+                  "refresh_every", "lr_net", "student_batch", "lr_img", "checkpoint_every", "balance_every")
+        _check(self.balance == "none" or self.metadd.enabled, f"{key}.balance", self.balance,
+               "none, or gbm beside distill.metadd.enabled: true (it balances L_dd against MetaDD's term)")
         _check(self.max_retries >= -1, f"{key}.max_retries", self.max_retries, "an integer >= 0, or -1 for no limit")
         _check(self.groups <= self.ipc, f"{key}.groups", self.groups,
                f"at most distill.ipc={self.ipc} (each group needs at least one image per class)")
@@ -248,15 +252,13 @@ class EvalConfig:
     epochs: int = 300
     full_epochs: Optional[int] = None  # whole-training-set baseline; None = epochs
     lr: float = 0.01
-    # lr per architecture spec, replacing lr for its trials: a net without normalisation (AlexNet)
-    # can diverge at a rate the BN nets need. Entries outside archs are ignored.
+    # lr per arch spec, replacing lr: a net without norm (AlexNet) can diverge at the BN nets' rate
     arch_lr: dict[str, float] = field(default_factory=dict)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 256
     dsa: bool = True
-    # also run every distilled and random trial with DSA flipped, for DD-Ranking's ARS
-    ars: bool = False
+    ars: bool = False   # every distilled and random trial also with DSA flipped, for DD-Ranking's ARS
     soft_loss: Literal["l1", "kl"] = "l1"
     soft_temperature: float = 1.0
     # hard mode on a stored set: CutMix with λ ~ Beta(β, β) on every batch after DSA, CE to the
@@ -269,8 +271,7 @@ class EvalConfig:
     # None = 500 (at most a tenth of the split) when a scheduler/search needs a metric, else none
     val_size: Optional[int] = None
     report_every: Optional[int] = None  # epochs between a trial's intermediate reports; None: epochs/10
-    # trials run at once; None: what fits in a local Ray, uncapped on a joined cluster (autoscaled)
-    max_concurrent: Optional[int] = None
+    max_concurrent: Optional[int] = None   # trials at once; None: what fits a local Ray, no cap on a cluster
     stack: int = 1   # hard/soft trials of one arch, lr and mode trained N at once as one wide net (evaluate.stacked)
     precision: Literal["fp32", "bf16"] = "fp32"   # bf16: forwards under autocast, fp32 weights and optimiser
     kd: KDConfig = field(default_factory=KDConfig)
@@ -282,8 +283,7 @@ class EvalConfig:
         for m in self.modes:
             _check(m in EVAL_MODES, f"{key}.modes", m, f"one of {', '.join(EVAL_MODES)}")
         _check(len(self.modes) >= 1, f"{key}.modes", self.modes, "a non-empty list of modes")
-        _check(self.seeds >= 1, f"{key}.seeds", self.seeds, "an integer >= 1")
-        _positive(self, key, "epochs", "lr", "batch_size", "soft_temperature")
+        _positive(self, key, "seeds", "epochs", "lr", "batch_size", "soft_temperature")
         _check(self.hard_cutmix is None or self.hard_cutmix > 0, f"{key}.hard_cutmix", self.hard_cutmix,
                "null (off) or a positive Beta parameter, e.g. 1.0")
         _sgd(self, key, "momentum", "weight_decay")

@@ -32,7 +32,7 @@ from ..errors import ConfigError, RayddError
 from ..io import load_tensors, save_tensors, write_json
 from ..methods.hmdc import TARGETS, ClassShard, ImageUpdate, decode, init_packed, pixel_bounds
 from ..methods.hmdc_pair import PairTrajectory, fresh_pair, load_published
-from ..methods.hmdc_parts import GBM_EPS
+from ..methods.gbm import GBM_EPS
 from .plan import DataShape, GroupPlan
 from .worker import _real_images, save_final
 

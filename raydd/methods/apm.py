@@ -19,7 +19,9 @@ forward and backward once per checkpoint.
 
 MetaDD (paper 000): with ``distill.metadd.enabled`` the group adds ``raydd.methods.metadd``'s term
 (frozen auxiliary nets of other architectures, reached through ``Services.auxiliaries``) to the
-image gradient, with the round's teacher as its backbone; the term holds no state.
+image gradient, with the round's teacher as its backbone; the term holds no state. With
+``distill.balance: gbm`` the two gradients are combined by HMDC's Gradient Balance Module
+(``raydd.methods.gbm``), whose per-class accumulators are part of the group's state.
 
 ZCA: with ``data.zca`` on, the images given to :class:`APMGroup` are already whitened and the
 teachers were trained on whitened data; nothing here depends on which space the images live in.
@@ -40,6 +42,7 @@ from torch.func import functional_call
 from ..config import DistillConfig
 from ..errors import ConfigError, RayddError
 from .base import Method, NonFiniteImages, Service, Services, Setup, register_method
+from .gbm import GradientBalance
 from .pool import sample_student_spec
 
 StateDict = dict[str, Tensor]
@@ -189,6 +192,9 @@ class APMGroup(Method):
         self.teacher = -1
         self.checkpoints: list[StateDict] = []
         self.metadd = _metadd_term(cfg)
+        # distill.balance: gbm, GBM between L_dd and MetaDD's term (config-checked: MetaDD is on)
+        self.balance = GradientBalance(num_classes, 2, cfg.balance_every, self.u.device) \
+            if getattr(cfg, "balance", "none") == "gbm" else None
 
     @classmethod
     def create(cls, cfg: DistillConfig, images: Tensor, labels: Tensor, *, seed: int,
@@ -234,7 +240,11 @@ class APMGroup(Method):
                                                            teacher=self.teacher)
             extra = {"loss_all": loss + aux_loss, "metadd": self.metadd.stats, "grad_norm_dd": float(grad.norm()),
                      "aux_seconds": time.perf_counter() - t1 - (timed.seconds - s1)}
-            grad = grad + grad_aux
+            if self.balance is None:
+                grad = grad + grad_aux
+            else:
+                grad, w = self.balance.balance([grad, grad_aux], y, self.round)
+                extra["gbm"] = {"w_dd": float(w[y, 0].mean()), "w_metadd": float(w[y, 1].mean())}
         if not (math.isfinite(extra.get("loss_all", loss)) and torch.isfinite(grad).all()):
             raise NonFiniteImages(f"group image gradient is not finite at round {self.round} "
                                   f"(loss {loss}); lower distill.lr_img or distill.lr_net")
@@ -285,7 +295,8 @@ class APMGroup(Method):
         """Tensors only (safetensors-ready): images, labels, momentum, round, RNG, and the current
         student (spec as utf-8 bytes, teacher index, checkpoints as ``student.K.NAME``)."""
         d = {"images": self.u, "labels": self.y, "momentum": self.momentum,
-             "round": torch.tensor([self.round]), "rng": self.gen.get_state()}
+             "round": torch.tensor([self.round]), "rng": self.gen.get_state(),
+             **({"gbm": self.balance.acc} if self.balance is not None else {})}
         if self.student is not None:
             d["teacher"] = torch.tensor([self.teacher])
             d["student_spec"] = torch.tensor(list(self.student_spec.encode()), dtype=torch.uint8)
@@ -306,6 +317,8 @@ class APMGroup(Method):
         self.momentum = d["momentum"].float().to(dev).clone()
         self.round = int(d["round"])
         self.gen.set_state(d["rng"].to(torch.uint8).clone())
+        if self.balance is not None and "gbm" in d:
+            self.balance.acc = d["gbm"].float().to(dev).clone()
         self.student, self.student_spec, self.teacher, self.checkpoints = None, None, -1, []
         if "student_spec" in d:
             self.student_spec = bytes(d["student_spec"].tolist()).decode()

@@ -37,8 +37,8 @@ from ..config.hmdc import HMDCConfig
 from ..errors import ConfigError, DataError, RayddError
 from .base import Method, NonFiniteImages, RealImages, Services, Setup, register_method
 from .hmdc_pair import PairModels, PairTrajectory, fresh_pair
-from .hmdc_parts import (DISTANCES, GBM_EPS, augment, channel_normalise, gbm_weights, generator,
-                         kmeans, nearest, nearest_distinct, pack, soft_ce, unpack)
+from .gbm import GBM_EPS, channel_normalise, gbm_weights
+from .hmdc_parts import DISTANCES, augment, generator, kmeans, nearest, nearest_distinct, pack, soft_ce, unpack
 
 TARGETS = 3          # L¹, L², L³ (GBM accumulator columns)
 

@@ -1,6 +1,6 @@
 """HMDC's building blocks (paper 004; ../shared/references/hmdc-official.md): multi-formation,
-k-means, the IDC augmentation (its CutMix is raydd.augment's), the gradient distances and the
-Gradient Balance Module.
+k-means, the IDC augmentation (its CutMix is raydd.augment's), and the gradient distances (the
+Gradient Balance Module is raydd.methods.gbm, shared with APM + MetaDD).
 
 Randomness is counter-based (:func:`generator`): every draw comes from a generator seeded by the
 group seed and a key such as (step, class), so a class's update depends on nothing but its own
@@ -19,7 +19,6 @@ from ..augment import OPS
 from ..errors import DataError
 
 GEOMETRIC = ("crop", "scale", "rotate")
-GBM_EPS = 1e-6
 
 
 def generator(seed: int, *key: object) -> torch.Generator:
@@ -155,14 +154,3 @@ def layerwise(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> Tensor:
 DISTANCES = {"sse": sse, "layerwise": layerwise}
 
 
-# ---------------------------------------------------------------- Gradient Balance Module
-
-def gbm_weights(acc: Tensor) -> Tensor:
-    """Eq. 5: w_k = min(A) / a_k for one class's accumulator A (k targets)."""
-    return acc.min() / acc
-
-
-def channel_normalise(grad: Tensor, eps: float = GBM_EPS) -> Tensor:
-    """Each (image, channel) slice divided by its max |·| over the pixels (+ eps), the code's
-    "normalize each synthetic image"; a packed image's sub-images are normalised jointly."""
-    return grad / (grad.abs().amax(dim=(2, 3), keepdim=True) + eps)
