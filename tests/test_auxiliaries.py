@@ -56,10 +56,14 @@ def test_pool_trains_resumes_and_refuses_another_dataset(digits, tmp_path, ray_l
 def test_results_table_splits_seen_and_unseen_architectures():
     from raydd.evaluate.metadd_split import split_markdown
     agg = [{"arch": a, "source": "distilled", "mode": "soft", "mean": m, "best": True}
-           for a, m in (("lenet", 0.8), ("convnet:width=16", 0.6), ("alexnet", 0.4), ("mlp", 0.2))]
+           for a, m in (("lenet", 0.8), ("convnet:width=16", 0.6), ("alexnet", 0.4), ("mlp", 0.2),
+                        ("convnet:width=8", 0.9))]
     config = {"data": {"source": "digits"}, "distill": {"metadd": {"enabled": True}},
-              "auxiliaries": {"archs": ["lenet", "convnet:width=16"]}}
-    text = split_markdown(agg, ["lenet", "convnet:width=16", "alexnet", "mlp"], [("distilled", "soft")], config)
+              "auxiliaries": {"archs": ["lenet", "convnet:width=16"]}, "teachers": {"arch": "convnet:width=8"}}
+    archs = ["convnet:width=8", "lenet", "convnet:width=16", "alexnet", "mlp"]
+    text = split_markdown(agg, archs, [("distilled", "soft")], config)
+    assert "| distilled with: convnet:width=8 | 90.00 (1) |" in text      # the teachers' net is not unseen
     assert "| seen (auxiliaries): lenet, convnet:width=16 | 70.00 (2) |" in text
     assert "| unseen: alexnet, mlp | 30.00 (2) |" in text
+    assert "distilled with" not in split_markdown(agg, archs[1:], [("distilled", "soft")], config)
     assert split_markdown(agg, ["lenet"], [("distilled", "soft")], {"distill": {}}) == ""

@@ -227,7 +227,7 @@ def test_compare_synsets_splits_seen_unseen_and_reads_the_cost(tmp_path, capsys)
                   "distill": {"metadd": {"enabled": metadd}}, "auxiliaries": {"archs": ["lenet"]}}
         (syn / "manifest.json").write_text(json.dumps({"groups": groups, "config": config}))
         trials = [_trial(src, a, "soft", s, accs[(src if src == "random" else name, a)][s])
-                  for src in ("synset", "random") for a in ("convnet", "lenet", "mlp") for s in (0, 1)]
+                  for src in ("distilled", "random") for a in ("convnet", "lenet", "mlp") for s in (0, 1)]
         doc = {"aggregate": report.aggregate(trials), "archs": ["convnet", "lenet", "mlp"], "synset": str(syn)}
         paths.append(f"{name}={tmp_path / name / 'results.json'}")
         (tmp_path / name / "results.json").write_text(json.dumps(doc))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raydd.evaluate.metadd_split import _canonical, seen_specs  # noqa: E402
+from raydd.evaluate.metadd_split import _canonical, distilled_specs, seen_specs  # noqa: E402
 from raydd.io import read_json  # noqa: E402
 from raydd.synset import MANIFEST  # noqa: E402
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for _, _, manifest in runs:
         seen |= (seen_specs(manifest.get("config", {})) or set()) if not args.seen else set()
     archs = list(dict.fromkeys(a for _, doc, _ in runs for a in doc["archs"]))
-    distilled = {_canonical(m["config"]["teachers"]["arch"]) for _, _, m in runs}
+    distilled = {_canonical(a) for _, _, m in runs for a in distilled_specs(m.get("config", {}))} - seen
 
     def part(a: str) -> str:
         c = _canonical(a)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         c = _canonical(a)
         row = []
         for name, doc, _ in runs:
-            r = cells(doc, args.mode).get(("synset", c))
+            r = cells(doc, args.mode).get(("distilled", c))
             noise = ""
             if r and c in random:
                 noise = " ~" if abs(r["mean"] - random[c]["mean"]) < r["std"] + random[c]["std"] else ""

@@ -1,6 +1,7 @@
 """MetaDD's seen/unseen split of the results table (paper 000, Tables 1-2): the evaluated
-architectures that were auxiliary nets while distilling ("seen") against the others ("unseen"),
-as the mean of each column over each part."""
+architectures that were auxiliary nets while distilling ("seen"), the ones the images were
+distilled with (the teachers' and students' main architecture), and the others ("unseen"), as the
+mean of each column over each part."""
 from __future__ import annotations
 
 from typing import Any
@@ -27,6 +28,12 @@ def seen_specs(config: dict[str, Any]) -> set[str] | None:
     return {_canonical(s) for s in specs}
 
 
+def distilled_specs(config: dict[str, Any]) -> list[str]:
+    """The architectures the images were distilled with: the teachers' and the students' main one."""
+    teachers = (config.get("teachers") or {}).get("arch")
+    return [a for a in (teachers, (config.get("distill") or {}).get("arch") or teachers) if a]
+
+
 def split_markdown(agg: list[dict[str, Any]], archs: list[str], columns: list[tuple[str, str]],
                    config: dict[str, Any]) -> str:
     """A second small table (empty text without MetaDD): per column, the mean over seen and unseen
@@ -36,8 +43,11 @@ def split_markdown(agg: list[dict[str, Any]], archs: list[str], columns: list[tu
         return ""
     from .report import column_label
     cells = {(r["arch"], r["source"], r["mode"]): r for r in agg if r["best"]}
-    parts = {"seen (auxiliaries)": [a for a in archs if _canonical(a) in seen],
-             "unseen": [a for a in archs if _canonical(a) not in seen]}
+    distilled = {_canonical(a) for a in distilled_specs(config)} - seen
+    parts = {"distilled with": [a for a in archs if _canonical(a) in distilled],
+             "seen (auxiliaries)": [a for a in archs if _canonical(a) in seen],
+             "unseen": [a for a in archs if _canonical(a) not in seen | distilled]}
+    parts = {k: v for k, v in parts.items() if v or k != "distilled with"}
     lines = ["| MetaDD split | " + " | ".join(column_label(c) for c in columns) + " |",
              "|" + "---|" * (len(columns) + 1)]
     for label, group in parts.items():
