@@ -67,9 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     random = {}
     for _, doc, _ in runs:
         random.update({a: r for (s, a), r in cells(doc, args.mode).items() if s == "random"})
-    seen = {_canonical(s) for s in args.seen} if args.seen else set()
-    for _, _, manifest in runs:
-        seen |= (seen_specs(manifest.get("config", {})) or set()) if not args.seen else set()
+    seen = ({_canonical(s) for s in args.seen} if args.seen else
+            set().union(*(seen_specs(m.get("config", {})) or set() for _, _, m in runs)))
     archs = list(dict.fromkeys(a for _, doc, _ in runs for a in doc["archs"]))
     distilled = {_canonical(a) for _, _, m in runs for a in distilled_specs(m.get("config", {}))} - seen
 

@@ -252,7 +252,7 @@ class EvalConfig:
     epochs: int = 300
     full_epochs: Optional[int] = None  # whole-training-set baseline; None = epochs
     lr: float = 0.01
-    # lr per arch spec, replacing lr: a net without norm (AlexNet) can diverge at the BN nets' rate
+    # lr per arch spec instead of lr (entries outside archs ignored): AlexNet diverges at BN nets' rates
     arch_lr: dict[str, float] = field(default_factory=dict)
     momentum: float = 0.9
     weight_decay: float = 5e-4

@@ -152,5 +152,3 @@ def layerwise(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> Tensor:
 
 
 DISTANCES = {"sse": sse, "layerwise": layerwise}
-
-
