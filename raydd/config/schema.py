@@ -173,8 +173,8 @@ class DistillConfig:
                "a fraction in [0, 1]")
         _check(self.alpha >= 0, f"{key}.alpha", self.alpha, "a non-negative weight")
         _sgd(self, key, "momentum_img")
-        from ..methods import method_class
-        method_class(self.method)
+        from ..methods import check_method
+        check_method(self, key)
         self.pool.validate(f"{key}.pool")
         self.service.validate(f"{key}.service")
         self.resources.validate(f"{key}.resources")

@@ -3,7 +3,7 @@ from . import apm  # noqa: F401  (registers "apm")
 from . import metadd  # noqa: F401  (registers the loss term "metadd")
 from . import hmdc  # noqa: F401  (registers "hmdc")
 from .base import (LOSS_TERMS, METHODS, Method, NonFiniteImages, RealImages, Service, Services, Setup,
-                   method_class, register_loss_term, register_method)
+                   check_method, method_class, register_loss_term, register_method)
 
 __all__ = ["LOSS_TERMS", "METHODS", "Method", "NonFiniteImages", "RealImages", "Service", "Services", "Setup",
-           "method_class", "register_loss_term", "register_method"]
+           "check_method", "method_class", "register_loss_term", "register_method"]

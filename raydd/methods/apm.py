@@ -174,6 +174,8 @@ class APMGroup(Method):
     ``torch.Generator`` seeded with ``seed``; :meth:`state_dict` holds it together with the
     current student's checkpoints, so a resumed group continues bit for bit."""
 
+    uses = frozenset({"pool", "metadd"})
+
     def __init__(self, cfg: DistillConfig, images: Tensor, labels: Tensor, *, student_spec: str,
                  in_channels: int, num_classes: int, image_size: int, seed: int,
                  dsa: Callable | None = None, build_model: Callable[[str], nn.Module] | None = None):

@@ -68,6 +68,9 @@ class Method(abc.ABC):
     """One group of synthetic images being distilled; ``round`` counts the rounds done."""
 
     round: int
+    # The shared distill sections this method reads (``pool``, ``metadd``); the config refuses one
+    # that is switched on for a method that would ignore it.
+    uses: frozenset[str] = frozenset()
 
     @classmethod
     @abc.abstractmethod
@@ -139,3 +142,14 @@ def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         raise ConfigError(f"distill.method: {name!r} is unknown; expected one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def check_method(cfg: DistillConfig, key: str) -> None:
+    """A known method, and no shared section switched on that it would silently ignore."""
+    uses = method_class(cfg.method).uses
+    if cfg.pool.p_main != 1.0 and "pool" not in uses:
+        raise ConfigError(f"{key}.pool.p_main: {cfg.pool.p_main} is invalid; expected 1: distill.method "
+                          f"{cfg.method} has no student model pool")
+    if cfg.metadd.enabled and "metadd" not in uses:
+        raise ConfigError(f"{key}.metadd.enabled: true is invalid; expected false: distill.method "
+                          f"{cfg.method} does not add MetaDD's term")
