@@ -67,3 +67,12 @@ def test_results_table_splits_seen_and_unseen_architectures():
     assert "| unseen: alexnet, mlp | 30.00 (2) |" in text
     assert "distilled with" not in split_markdown(agg, archs[1:], [("distilled", "soft")], config)
     assert split_markdown(agg, ["lenet"], [("distilled", "soft")], {"distill": {}}) == ""
+
+
+def test_hmdc_images_are_distilled_with_its_model_pair_not_the_soft_label_teacher():
+    from raydd.evaluate.metadd_split import distilled_specs
+    hmdc = {"teachers": {"arch": "convnet:width=32"},
+            "distill": {"method": "hmdc", "hmdc": {"model1": "convnet:width=32", "model2": "vit_tiny:width=64"}}}
+    assert distilled_specs(hmdc) == ["convnet:width=32", "vit_tiny:width=64"]
+    apm = {"teachers": {"arch": "convnet:width=32"}, "distill": {"method": "apm", "arch": "convnet_bn:width=32"}}
+    assert distilled_specs(apm) == ["convnet:width=32", "convnet_bn:width=32"]

@@ -233,7 +233,7 @@ def test_compare_synsets_splits_seen_unseen_and_reads_the_cost(tmp_path, capsys)
         (tmp_path / name / "results.json").write_text(json.dumps(doc))
     assert tool.main(paths) == 0
     out = capsys.readouterr().out
-    assert "| lenet | seen (auxiliaries) | 61.00 ± 1.00 | 71.00 ± 1.00 | 69.00 ± 1.00 |" in out
+    assert "| lenet | seen (auxiliaries of meta) | 61.00 ± 1.00 | 71.00 ± 1.00 | 69.00 ± 1.00 |" in out
     assert "| convnet | distilled with | 81.00 ± 1.00 | 80.00 ± 1.00 | 71.00 ± 1.00 |" in out
     assert "| mlp | unseen | 71.00 ± 1.00 | 76.00 ± 1.00 ~ | 77.00 ± 1.00 |" in out   # 1 point < 1 + 1
     assert "| **unseen mean** | | 71.00 (1) | 76.00 (1) | 77.00 (1) |" in out

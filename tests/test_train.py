@@ -229,3 +229,31 @@ def test_accuracy_runs_channels_last_only_without_groupnorm(norm, channels_last)
     net.eval()
     assert seen == [channels_last] and acc == (net(x).argmax(1) == y).float().mean().item()
     assert all(p.is_contiguous() for p in net.parameters())   # back in the default layout
+
+
+@pytest.mark.parametrize("norm, channels_last", [("batch", True), ("instance", False)])
+def test_training_runs_channels_last_only_without_groupnorm_and_learns_the_same(norm, channels_last, monkeypatch):
+    import raydd.train as train
+    from raydd.models import build
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+
+    def run():
+        torch.manual_seed(0)
+        net = build(f"convnet:width=8,depth=1,norm={norm}", 3, 10, 8)
+        seen = []
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+        hist = train_classifier(net, (x, y), epochs=4, lr=0.05, batch_size=16, dsa=DSA("color_crop_flip"),
+                                generator=torch.Generator().manual_seed(0))
+        assert all(p.is_contiguous() for p in net.parameters())   # back in the default layout
+        return hist, net, seen
+
+    hist, net, seen = run()
+    assert seen == [channels_last] * 8
+    monkeypatch.setattr(train, "channels_last_pays", lambda model, device: False)
+    hist0, net0, seen0 = run()
+    assert seen0 == [False] * 8
+    # the same training up to the convolutions' rounding order
+    assert hist == pytest.approx(hist0, rel=1e-4)
+    for p, p0 in zip(net.parameters(), net0.parameters()):
+        torch.testing.assert_close(p, p0, rtol=1e-4, atol=1e-5)

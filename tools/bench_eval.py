@@ -4,7 +4,7 @@ Times a forward pass over ``--images`` test-sized images in eval mode, once in P
 (contiguous) layout and once channels-last (what :func:`raydd.train.accuracy` uses on CPU for nets
 without GroupNorm), and a training step on a 100-image batch (IPC 10 × 10 classes: one step per
 epoch) in fp32 and under bf16 autocast (``evaluate.precision: bf16``). Best of ``--repeats`` after
-a warm-up; both layouts are timed back to back.
+a warm-up; both layouts are timed back to back, for the training step too.
 
     python tools/bench_eval.py resnet18 vgg11 convnet:width=32 --shape 1,28,28
 """
@@ -39,28 +39,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1024, help="test images per forward pass")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true",
+                   help="also time the fp32 training step of torch.compile(net) (its first call, which "
+                        "compiles, is reported apart)")
     args = p.parse_args(argv)
     set_threads(args.threads)   # as a trial does: threads, and freed memory kept for reuse
     c, h, w = (int(v) for v in args.shape.split(","))
     x = torch.randn(args.images, c, h, w)
     xb, yb = torch.randn(100, c, h, w), torch.randint(0, 10, (100,))
     print("| architecture | test pass, contiguous (s) | channels-last (s) | speed-up | train step fp32 (s) "
-          "| bf16 autocast (s) | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+          "| bf16 autocast (s) | speed-up | channels-last fp32 (s) | channels-last bf16 (s) | speed-up of both |"
+          + (" compiled fp32 (s) | speed-up | compiling (s) |" if args.compile else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.compile else ""))
     for arch in args.archs:
         torch.manual_seed(0)
         net = build(arch, c, 10, h)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
-        def step(precision):
+        def step(precision, x=xb, model=net):
             with autocast("cpu", precision):
-                loss = torch.nn.functional.cross_entropy(net(xb).float(), yb)
+                loss = torch.nn.functional.cross_entropy(model(x).float(), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
 
         train = _seconds(lambda: step("fp32"), args.repeats)
         train16 = _seconds(lambda: step("bf16"), args.repeats)
+        net.to(memory_format=torch.channels_last)
+        xbc = xb.contiguous(memory_format=torch.channels_last)
+        train_cl = _seconds(lambda: step("fp32", xbc), args.repeats)
+        train16_cl = _seconds(lambda: step("bf16", xbc), args.repeats)
+        net.to(memory_format=torch.contiguous_format)
+        compiled = ""
+        if args.compile:
+            cnet = torch.compile(net)
+            t0 = time.perf_counter()
+            step("fp32", model=cnet)
+            first = time.perf_counter() - t0
+            train_c = _seconds(lambda: step("fp32", model=cnet), args.repeats)
+            compiled = f" {train_c:.3f} | {train / train_c:.2f}× | {first:.0f} |"
         net.eval()
         with torch.no_grad():
             plain = _seconds(lambda: net(x), args.repeats)
@@ -68,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             xc = x.contiguous(memory_format=torch.channels_last)
             last = _seconds(lambda: net(xc), args.repeats)
         print(f"| {arch} | {plain:.2f} | {last:.2f} | {plain / last:.2f}× | {train:.3f} | {train16:.3f} "
-              f"| {train / train16:.2f}× |", flush=True)
+              f"| {train / train16:.2f}× | {train_cl:.3f} | {train16_cl:.3f} | {train / train16_cl:.2f}× |{compiled}", flush=True)
     return 0
 
 

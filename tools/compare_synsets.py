@@ -76,6 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         c = _canonical(a)
         return "distilled with" if c in distilled else "seen (auxiliaries)" if c in seen else "unseen"
 
+    def by_whom(a: str) -> str:
+        """The part, naming the synsets it holds for when not all of them (one partition for all
+        columns keeps the part means over the same architectures)."""
+        c, label = _canonical(a), part(a)
+        if label == "unseen" or args.seen:
+            return label
+        which = [n for n, _, m in runs
+                 if c in ({_canonical(x) for x in distilled_specs(m.get("config", {}))} if label == "distilled with"
+                          else seen_specs(m.get("config", {})) or set())]
+        if len(which) == len(runs):
+            return label
+        return f"{label} ({', '.join(which)})" if label == "distilled with" else f"seen (auxiliaries of {', '.join(which)})"
+
     names = [n for n, _, _ in runs]
     print(f"| architecture ({args.mode}) | part | " + " | ".join(names) + " | random real |")
     print("|---|---|" + "---|" * (len(names) + 1))
@@ -93,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 means.setdefault((part(a), name), []).append(100 * r["mean"])
         if c in random:
             means.setdefault((part(a), "random real"), []).append(100 * random[c]["mean"])
-        print(f"| {a} | {part(a)} | " + " | ".join(row) + f" | {fmt(random.get(c))} |")
+        print(f"| {a} | {by_whom(a)} | " + " | ".join(row) + f" | {fmt(random.get(c))} |")
     for label in ("distilled with", "seen (auxiliaries)", "unseen"):
         vals = [means.get((label, n)) for n in names + ["random real"]]
         if any(vals):

@@ -29,9 +29,14 @@ def seen_specs(config: dict[str, Any]) -> set[str] | None:
 
 
 def distilled_specs(config: dict[str, Any]) -> list[str]:
-    """The architectures the images were distilled with: the teachers' and the students' main one."""
+    """The architectures the images were distilled with: the teachers' and the students' main one,
+    or HMDC's model pair (its teachers only give the soft labels)."""
+    distill = config.get("distill") or {}
+    if distill.get("method") == "hmdc":
+        hmdc = distill.get("hmdc") or {}
+        return [a for a in (hmdc.get("model1"), hmdc.get("model2")) if a]
     teachers = (config.get("teachers") or {}).get("arch")
-    return [a for a in (teachers, (config.get("distill") or {}).get("arch") or teachers) if a]
+    return [a for a in (teachers, distill.get("arch") or teachers) if a]
 
 
 def split_markdown(agg: list[dict[str, Any]], archs: list[str], columns: list[tuple[str, str]],
