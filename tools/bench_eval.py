@@ -1,8 +1,8 @@
 """Test-set pass and training step (fp32 and bf16 autocast) of evaluation architectures on CPU.
 
 Times a forward pass over ``--images`` test-sized images in eval mode, once in PyTorch's default
-(contiguous) layout and once channels-last (what :func:`raydd.train.accuracy` uses on CPU for nets
-without GroupNorm), and a training step on a 100-image batch (IPC 10 × 10 classes: one step per
+(contiguous) layout and once channels-last (what :func:`raydd.train.channels_last_pays` picks on CPU
+for training and testing nets without GroupNorm or LayerNorm), and a training step on a 100-image batch (IPC 10 × 10 classes: one step per
 epoch) in fp32 and under bf16 autocast (``evaluate.precision: bf16``). Best of ``--repeats`` after
 a warm-up; both layouts are timed back to back, for the training step too.
 

@@ -67,24 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     random = {}
     for _, doc, _ in runs:
         random.update({a: r for (s, a), r in cells(doc, args.mode).items() if s == "random"})
-    seen = ({_canonical(s) for s in args.seen} if args.seen else
-            set().union(*(seen_specs(m.get("config", {})) or set() for _, _, m in runs)))
+    # each synset's own distilled-with and auxiliary nets; one partition (their union) serves all
+    # columns, so the part means run over the same architectures
+    own = {n: ({_canonical(a) for a in distilled_specs(m.get("config", {}))},
+               seen_specs(m.get("config", {})) or set()) for n, _, m in runs}
+    seen = ({_canonical(s) for s in args.seen} if args.seen else set().union(*(v for _, v in own.values())))
     archs = list(dict.fromkeys(a for _, doc, _ in runs for a in doc["archs"]))
-    distilled = {_canonical(a) for _, _, m in runs for a in distilled_specs(m.get("config", {}))} - seen
+    distilled = set().union(*(d for d, _ in own.values())) - seen
 
     def part(a: str) -> str:
         c = _canonical(a)
         return "distilled with" if c in distilled else "seen (auxiliaries)" if c in seen else "unseen"
 
     def by_whom(a: str) -> str:
-        """The part, naming the synsets it holds for when not all of them (one partition for all
-        columns keeps the part means over the same architectures)."""
+        """The part, naming the synsets it holds for when not all of them."""
         c, label = _canonical(a), part(a)
         if label == "unseen" or args.seen:
             return label
-        which = [n for n, _, m in runs
-                 if c in ({_canonical(x) for x in distilled_specs(m.get("config", {}))} if label == "distilled with"
-                          else seen_specs(m.get("config", {})) or set())]
+        which = [n for n, (d, aux) in own.items() if c in (d if label == "distilled with" else aux)]
         if len(which) == len(runs):
             return label
         return f"{label} ({', '.join(which)})" if label == "distilled with" else f"seen (auxiliaries of {', '.join(which)})"
