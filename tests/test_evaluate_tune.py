@@ -157,6 +157,30 @@ def test_the_validation_split_is_disjoint_from_baselines_and_test(digits, tmp_pa
     assert (held - vx).abs().max() == 0   # positions name exactly the stored validation images
 
 
+def test_the_test_split_is_decoded_once_per_process_as_streaming_gives_it(digits, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from raydd.data import batches, load_info
+    from raydd.errors import DataError
+    from raydd.evaluate import baselines
+    shutil.copytree(digits, tmp_path / "d")
+    info = load_info(str(tmp_path / "d"))
+    monkeypatch.setattr(baselines, "TEST_BATCH", 100)
+    streamed = list(batches(info, "test", 100))
+    kept = list(baselines.real_test(info, None)())
+    assert len(kept) == len(streamed) > 1
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(kept, streamed))
+    for shard in info.shards["test"]:
+        (tmp_path / "d" / shard["name"]).unlink()
+    again = list(baselines.real_test(info, None)())    # a later trial in the process: no shard is read
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, kept))
+    monkeypatch.setattr(baselines, "TEST_IN_MEMORY_BYTES", 0)   # too large to keep: streamed every pass
+    with pytest.raises(DataError):
+        list(baselines.real_test(info, None)())
+
+
 @pytest.mark.slow
 def test_a_search_alg_study_resumes_by_count(syn, digits, ray_local):
     """With a search_alg the searcher picks the values; a rerun asks it only for the trials the

@@ -223,7 +223,7 @@ def _feature_task(spec: str, data: str, ecfg_dict: dict, dsa_strategy: str, devi
         spec, real_train(info, whiten, ecfg.batch_size, seed=0), ecfg,
         image_shape=tuple(info.shape), num_classes=info.num_classes, epochs=ecfg.elf.feature_epochs,
         dsa_strategy=dsa_strategy, device=device)
-    acc = accuracy(model, real_test(info, whiten)(), device)
+    acc = accuracy(model, real_test(info, zca)(), device)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, acc
 
 

@@ -347,7 +347,7 @@ def eval_trainable(config: dict[str, Any]) -> None:
     val = val_batches(ctx["val"], whiten) if ctx.get("val") else None
     base = {"started_at": started, "total_epochs": int(ecfg.epochs)}   # the driver's "epoch 40/100" lines
     if t.get("members"):
-        return _stacked_trial(ctx, t, ecfg, info, whiten, base, val)
+        return _stacked_trial(ctx, t, ecfg, info, base, val)
     src = ctx["sources"][t["source"]]
     epochs = None
     if t["source"] == "full":
@@ -370,7 +370,7 @@ def eval_trainable(config: dict[str, Any]) -> None:
                          **({"val_acc": val_acc()} if val_acc is not None else {})})
 
     result = evaluate_once(t["arch"], t["mode"], int(t["seed"]), train,
-                           real_test(info, whiten), ecfg,
+                           real_test(info, ctx.get("zca")), ecfg,
                            image_shape=tuple(ctx["shape"]), num_classes=int(ctx["num_classes"]),
                            lr=float(t["lr"]), epochs=epochs, dsa_strategy=ctx["dsa_strategy"],
                            device=ctx["device"], on_epoch=on_epoch, val_batches=(lambda: val) if val else None)
@@ -381,7 +381,7 @@ def _report_every(ecfg: EvalConfig, total: int) -> int:
     return ecfg.report_every or max(1, round(total / REPORTS))
 
 
-def _stacked_trial(ctx: dict[str, Any], pack: dict[str, Any], ecfg: EvalConfig, info: Any, whiten: Any,
+def _stacked_trial(ctx: dict[str, Any], pack: dict[str, Any], ecfg: EvalConfig, info: Any,
                    base: dict[str, Any], val: Any) -> None:
     """A pack's run: its members trained as one wide net; the last report holds each member's result
     under ``members`` (the driver journals them one by one) and their mean beside it."""
@@ -398,7 +398,7 @@ def _stacked_trial(ctx: dict[str, Any], pack: dict[str, Any], ecfg: EvalConfig, 
             tune.report({**base, "phase": "train", "epoch": ep, "train_loss": sum(losses) / len(losses)})
 
     results = evaluate_stacked(pack["arch"], pack["mode"], [int(m["seed"]) for m in members], trains,
-                               real_test(info, whiten), ecfg, image_shape=tuple(ctx["shape"]),
+                               real_test(info, ctx.get("zca")), ecfg, image_shape=tuple(ctx["shape"]),
                                num_classes=int(ctx["num_classes"]), lr=float(pack["lr"]),
                                dsa_strategy=ctx["dsa_strategy"], device=ctx["device"], on_epoch=on_epoch,
                                val_batches=(lambda: val) if val else None)
