@@ -14,7 +14,7 @@ from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
 from raydd.config import from_dict  # noqa: E402
-from raydd.errors import ConfigError  # noqa: E402
+from raydd.errors import ConfigError, RayddError  # noqa: E402
 from raydd.evaluate import sweep  # noqa: E402
 from raydd.synset import Synset, load_synset, save_synset  # noqa: E402
 
@@ -179,6 +179,26 @@ def test_the_test_split_is_decoded_once_per_process_as_streaming_gives_it(digits
     monkeypatch.setattr(baselines, "TEST_IN_MEMORY_BYTES", 0)   # too large to keep: streamed every pass
     with pytest.raises(DataError):
         list(baselines.real_test(info, None)())
+
+
+def test_the_zca_is_loaded_once_per_process_and_whitens_the_kept_test_split(digits, tmp_path):
+    import torch
+
+    from raydd.data import batches, load_info
+    from raydd.data.zca import ZCA
+    from raydd.evaluate import baselines
+    from raydd.io import save_tensors
+    info = load_info(digits)
+    zca = ZCA.fit(torch.randn(300, *info.shape, generator=torch.Generator().manual_seed(0)))
+    path = tmp_path / "zca.safetensors"
+    record = {"path": str(path), "sha256": save_tensors(path, zca.state_dict())}
+    kept = list(baselines.real_test(info, record)())
+    streamed = [(zca.transform(x), y) for x, y in batches(info, "test", baselines.TEST_BATCH)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(kept, streamed))
+    path.write_bytes(b"broken")   # the process holds the checked copy: no second read
+    assert baselines.whitener(record) is baselines.whitener(dict(record))
+    with pytest.raises(RayddError, match="checksum"):   # another ZCA is read, and checked
+        baselines.whitener({**record, "sha256": "0" * 64})
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 the whole training split, the test split, all in the run's ZCA space when ``data.zca`` is on."""
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,15 @@ def run_zca(cfg: Config, run_dir: Path) -> dict[str, str] | None:
 def whitener(zca: dict[str, str] | None):
     if not zca:
         return lambda x: x
+    return _zca_transform(zca["path"], zca["sha256"])
+
+
+@functools.lru_cache(maxsize=1)
+def _zca_transform(path: str, sha256: str):
+    """Loaded and checked once per process: a trial asks for it for its training, validation and test
+    data, and the trials after it in the same worker for theirs."""
     from ..data.zca import ZCA
-    return ZCA.from_state(load_tensors(zca["path"], sha256=zca["sha256"])).transform
+    return ZCA.from_state(load_tensors(path, sha256=sha256)).transform
 
 
 def real_test(info: Any, zca: dict[str, str] | None) -> Any:
